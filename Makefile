@@ -1,0 +1,47 @@
+# pyhv: every target installs what it needs first (system packages via apt, Python packages
+# into .venv), so each works on a fresh Debian 12 machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all deps venv install build run test lint bench wheel clean
+
+all: install
+
+deps:
+	./scripts/install-system-deps.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml setup.py | $(PY)
+	$(MAKE) deps
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(STAMP) build
+
+# Rebuild the Cython extensions in place when a .pyx/.pxd changed (editable install).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+run: install
+	$(VENV)/bin/pyhv doctor
+	$(PY) -m pyhv.guest.demo
+
+test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m pytest bench --benchmark-only -p no:cacheprovider
+	$(PY) -m bench.report
+
+wheel: $(STAMP)
+	./wheels/build.sh
+
+clean:
+	rm -rf build dist wheels/out src/*.egg-info
+	find src -name '*.so' -delete -o -name '*.c' -path '*/hvcore/*' -delete

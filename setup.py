@@ -1,0 +1,29 @@
+"""Builds the Cython core (src/hvcore). Compiler directives and warnings live here, in one place."""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+MODULES = ["memory", "bus", "kvm", "uart", "devices"]
+
+directives = {"language_level": 3, "embedsignature": True, "cdivision": True}
+debug = os.environ.get("PYHV_DEBUG") == "1"
+extensions = [
+    Extension(
+        f"hvcore.{name}",
+        [f"src/hvcore/{name}.pyx"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+        + (["-DPYHV_DEBUG=1", "-g"] if debug else []),
+    )
+    for name in MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        include_path=["src"],
+        annotate=os.environ.get("PYHV_ANNOTATE") == "1",
+    ),
+)

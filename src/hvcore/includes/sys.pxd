@@ -1,0 +1,35 @@
+# C declarations from <sys/mman.h>, <sys/ioctl.h>, <signal.h>, <pthread.h>, <errno.h>, <time.h>
+# that hvcore uses and Cython's bundled posix/*.pxd lack.
+from libc.stdint cimport uint64_t
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int memfd_create(const char *name, unsigned int flags)
+    enum: MFD_CLOEXEC
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_kill(pthread_t thread, int sig)
+
+
+cdef extern from "<signal.h>" nogil:
+    int SIGRTMIN
+
+
+cdef extern from "<time.h>" nogil:
+    enum: CLOCK_MONOTONIC
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)

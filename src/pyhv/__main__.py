@@ -1,0 +1,5 @@
+import sys
+
+from pyhv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The `pyhv` command. Errors are one line (the cause) unless --debug is given."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pyhv import __version__
+from pyhv.errors import PyhvError
+
+DEFAULT_APPEND = "console=ttyS0 reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    from pyhv.machine.layout import parse_size
+
+    try:
+        return parse_size(text)
+    except PyhvError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyhv", description="micro-VMs on KVM")
+    p.add_argument("--version", action="version", version=f"pyhv {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a Linux kernel")
+    run.add_argument("--kernel", required=True, help="bzImage or ELF vmlinux")
+    run.add_argument("--initrd", help="initramfs / initrd image")
+    run.add_argument("--append", default=DEFAULT_APPEND,
+                     help=f"kernel command line (default: {DEFAULT_APPEND!r})")
+    run.add_argument("--cpus", type=_positive_int, default=1, help="number of vCPUs")
+    run.add_argument("--memory", "-m", type=_size, default=512 << 20,
+                     help="guest RAM, e.g. 512m, 2g (a bare number means MiB)")
+    run.add_argument("--console-log", help="write the serial console to this file")
+    run.add_argument("--boot", choices=["auto", "linux64", "pvh"], default="auto",
+                     help="entry protocol for ELF kernels (default: 64-bit boot protocol)")
+    run.add_argument("--no-extract", action="store_true",
+                     help="boot a bzImage through its own decompressor instead of "
+                          "extracting the vmlinux on the host")
+    run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+
+    kernel = sub.add_parser("kernel", help="kernel image tools")
+    ksub = kernel.add_subparsers(dest="kernel_command", required=True)
+    extract = ksub.add_parser("extract", help="write the vmlinux inside a bzImage")
+    extract.add_argument("bzimage")
+    extract.add_argument("output")
+
+    sub.add_parser("doctor", help="report what this host can run")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyhv.machine.console import Console
+    from pyhv.machine.machine import Machine
+
+    console = args.console_log
+    with Machine(memory=args.memory, cpus=args.cpus, console=console) as m:
+        m.load_linux(args.kernel, args.initrd, args.append, extract=not args.no_extract,
+                     protocol=args.boot)
+        interactive = os.isatty(0)
+        if interactive:
+            with Console(m.uart, on_quit=lambda: m.stop("quit", "quit from the console")):
+                result = m.run(timeout=args.timeout)
+        else:
+            result = m.run(timeout=args.timeout)
+    for t in result.boot_times:
+        print(f"pyhv: guest boot time {t * 1000:.1f} ms", file=sys.stderr)
+    if not result.ok:
+        print(f"pyhv: {result.message}", file=sys.stderr)
+    elif args.debug:
+        print(f"pyhv: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_kernel_extract(args: argparse.Namespace) -> int:
+    from pyhv.machine.kernelimage import extract_file
+
+    elf = extract_file(args.bzimage, args.output)
+    print(f"{args.output}: vmlinux, entry {elf.entry:#x}"
+          + (f", PVH entry {elf.pvh_entry:#x}" if elf.pvh_entry is not None else ""))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pyhv.machine.doctor import report
+
+    lines, ok = report()
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"run": cmd_run, "doctor": cmd_doctor, "kernel": cmd_kernel_extract}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (PyhvError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"pyhv: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Legacy platform devices, one module each; the UART lives in hvcore.uart (hot path)."""
