@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from pyhv import __version__
 from pyhv.errors import PyhvError
 
+TIMEOUT_STATUS = 124    # as timeout(1): the run was cut short by --timeout
 DEFAULT_APPEND = "console=ttyS0 reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
 
 
@@ -31,8 +33,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyhv", description="micro-VMs on KVM")
+    p = _Parser(prog="pyhv", description="micro-VMs on KVM")
     p.add_argument("--version", action="version", version=f"pyhv {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,14 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pyhv.machine.console import Console
+    from pyhv.machine.kernelimage import load_kernel
     from pyhv.machine.machine import Machine
 
-    console = args.console_log
-    with Machine(memory=args.memory, cpus=args.cpus, console=console) as m:
+    load_kernel(args.kernel)   # a bad kernel is reported before KVM is touched
+    with Machine(memory=args.memory, cpus=args.cpus, console=args.console_log) as m:
         m.load_linux(args.kernel, args.initrd, args.append, extract=not args.no_extract,
                      protocol=args.boot)
-        interactive = os.isatty(0)
-        if interactive:
+
+        def on_signal(signum: int, _frame) -> None:
+            m.stop("stopped", f"stopped by {signal.Signals(signum).name}")
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        if os.isatty(0):
             with Console(m.uart, on_quit=lambda: m.stop("quit", "quit from the console")):
                 result = m.run(timeout=args.timeout)
         else:
@@ -83,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pyhv: {result.message}", file=sys.stderr)
     elif args.debug:
         print(f"pyhv: {result.message}", file=sys.stderr)
+    if result.kind == "timeout":
+        return TIMEOUT_STATUS
     return result.exit_code
 
 

@@ -10,6 +10,7 @@ from pyhv.machine.cpuid import CpuidEntry, boot_msrs, guest_cpuid
 XCR0_X87, XCR0_SSE = 0x1, 0x2
 LVT_LINT0, LVT_LINT1 = 0x350, 0x360
 DELIVERY_EXTINT, DELIVERY_NMI = 0x7 << 8, 0x4 << 8
+LVT_MASKED = 1 << 16
 CPUID_1_ECX_XSAVE = 1 << 26
 
 
@@ -24,9 +25,10 @@ def configure_vcpu(vcpu, supported_cpuid: list[tuple], cpu_index: int, num_cpus:
     if leaf1 is not None and leaf1.ecx & CPUID_1_ECX_XSAVE:
         vcpu.set_xcr0(XCR0_X87 | XCR0_SSE)
     if irqchip:
-        # As a PC's BIOS leaves them: LINT0 takes the 8259's ExtINT, LINT1 is NMI.
+        # As a PC's BIOS leaves them: LINT0 takes the 8259's ExtINT, LINT1 is NMI, both
+        # unmasked, so a guest that never touches its local APIC still gets PIC interrupts.
         lapic = vcpu.get_lapic()
         for offset, mode in ((LVT_LINT0, DELIVERY_EXTINT), (LVT_LINT1, DELIVERY_NMI)):
             (value,) = struct.unpack_from("<I", lapic, offset)
-            struct.pack_into("<I", lapic, offset, (value & ~0x700) | mode)
+            struct.pack_into("<I", lapic, offset, (value & ~(0x700 | LVT_MASKED)) | mode)
         vcpu.set_lapic(lapic)

