@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("bzimage")
     extract.add_argument("output")
 
+    ksub.add_parser("fetch", help="download Debian's cloud kernel (cached) and print its path")
+
     sub.add_parser("doctor", help="report what this host can run")
     return p
 
@@ -103,7 +105,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def cmd_kernel_extract(args: argparse.Namespace) -> int:
+def cmd_kernel(args: argparse.Namespace) -> int:
+    if args.kernel_command == "fetch":
+        from pyhv.guest.debian import debian_kernel
+
+        print(debian_kernel())
+        return 0
     from pyhv.machine.kernelimage import extract_file
 
     elf = extract_file(args.bzimage, args.output)
@@ -123,7 +130,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "doctor": cmd_doctor, "kernel": cmd_kernel_extract}
+    handlers = {"run": cmd_run, "doctor": cmd_doctor, "kernel": cmd_kernel}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -255,7 +255,7 @@ def _stdlib(factory: Callable[[], lzma.LZMADecompressor | bz2.BZ2Decompressor], 
             buf = b""
             if out:
                 yield out
-            elif False and d.needs_input:
+            elif d.needs_input:
                 raise EOFError(f"stream ends before the {what} end marker")
 
     return decode
