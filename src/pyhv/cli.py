@@ -11,7 +11,7 @@ from pyhv import __version__
 from pyhv.errors import PyhvError
 
 TIMEOUT_STATUS = 124    # as timeout(1): the run was cut short by --timeout
-DEFAULT_APPEND = "console=ttyS0 reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
+DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
 
 
 def _positive_int(text: str) -> int:

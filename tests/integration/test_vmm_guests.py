@@ -274,3 +274,19 @@ def test_console_file_is_appended_not_truncated(console):
         m.run(timeout=30)
     assert console.read_text() == "earlier\nA"
     assert os.path.getsize(console) == 9
+
+
+@pytest.mark.parametrize("port, value, kind", [(0x600, 0x34, "poweroff"), (0x602, 0x0F, "reset")])
+def test_acpi_sleep_and_reset_registers_end_the_machine_cleanly(console, port, value, kind):
+    with machine(console, irqchip=True) as m:
+        m.load_flat(asm16(f"mov dx, {port}\nmov al, {value}\nout dx, al\n1: jmp 1b\n"), 0x1000)
+        result = m.run(timeout=30)
+    assert result.kind == kind and result.exit_code == 0
+
+
+def test_acpi_sleep_register_ignores_other_sleep_states(console):
+    # S3 (SLP_TYP 3 with SLP_EN) is not power-off: the guest keeps running to its HLT.
+    with machine(console) as m:
+        m.load_flat(asm16("mov dx, 0x600\nmov al, 0x2c\nout dx, al\nhlt\n"), 0x1000)
+        result = m.run(timeout=30)
+    assert result.kind == "halted"

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from pyhv.cache import cache_dir
 from pyhv.errors import PyhvError
 
 __all__ = ["cache_dir", "debian_kernel", "fetch_deb", "unpack_deb"]
@@ -20,14 +21,6 @@ __all__ = ["cache_dir", "debian_kernel", "fetch_deb", "unpack_deb"]
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 
 _updated = False  # apt-get update runs at most once per process
-
-
-def cache_dir() -> Path:
-    """Return pyhv's cache root: ``$XDG_CACHE_HOME/pyhv`` or ``~/.cache/pyhv``."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
-    return root / "pyhv"
 
 
 def _one_line(text: str) -> str:

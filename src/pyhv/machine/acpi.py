@@ -211,13 +211,14 @@ def parse_acpi_tables(blob: bytes, base_addr: int = RSDP_ADDR) -> dict:
         raise ValueError(f"XSDT: length {len(xsdt)} is not a whole number of entries")
     entries = struct.unpack_from(f"<{count}Q", xsdt, _HEADER.size)
     tables: dict[str, bytes] = {"XSDT": xsdt}
-    for addr in entries:
+    for i, addr in enumerate(entries):
         off = addr - base_addr
         if not 0 <= off <= len(blob) - 4:
-            raise ValueError(f"XSDT: entry {addr:#x} outside the ACPI blob")
+            raise ValueError(f"XSDT: entry {i} ({addr:#x}) outside the ACPI blob")
         sig = blob[off:off + 4]
         if sig not in (b"FACP", b"APIC"):
-            raise ValueError(f"XSDT: entry {addr:#x} has unexpected signature {sig!r}")
+            raise ValueError(f"XSDT entry {i}: table at {addr:#x} has signature {sig!r}, "
+                             "expected FACP or APIC")
         tables[sig.decode()] = _read_table(blob, base_addr, addr, sig)
     if "FACP" not in tables or "APIC" not in tables:
         raise ValueError(f"XSDT: missing FACP or APIC (has {sorted(tables)})")

@@ -15,6 +15,7 @@ from pyhv.machine.layout import PAGE_SIZE, MiB
 ZERO_PAGE_SIZE = 4096
 
 # struct boot_params offsets (zero-page.rst)
+BP_ACPI_RSDP_ADDR = 0x070  # u64, boot protocol 2.14+
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -71,6 +72,7 @@ def build_zero_page(
     cmdline_size: int,
     initrd_addr: int = 0,
     initrd_size: int = 0,
+    rsdp_addr: int = 0,
 ) -> bytes:
     """The 4 KiB boot_params the 64-bit entry reads through %rsi.
 
@@ -121,6 +123,7 @@ def build_zero_page(
         struct.pack_into("<II", zp, HDR_RAMDISK_IMAGE, img_lo, size_lo)
         struct.pack_into("<II", zp, BP_EXT_RAMDISK_IMAGE, img_hi, size_hi)
 
+    struct.pack_into("<Q", zp, BP_ACPI_RSDP_ADDR, rsdp_addr)   # spares the kernel its scan
     zp[BP_E820_ENTRIES] = len(e820)
     for i, (addr, size, kind) in enumerate(e820):
         _E820_ENTRY.pack_into(zp, BP_E820_TABLE + i * E820_ENTRY_SIZE, addr, size, kind)
@@ -133,6 +136,7 @@ def build_pvh_start_info(
     cmdline_addr: int,
     initrd_addr: int = 0,
     initrd_size: int = 0,
+    rsdp_addr: int = 0,
 ) -> bytes:
     """hvm_start_info (version 1) + optional initrd module + memory map, to write at base_addr.
 
@@ -155,7 +159,7 @@ def build_pvh_start_info(
         nr_modules,
         base_addr + modlist_off if nr_modules else 0,
         cmdline_addr,
-        0,  # rsdp_paddr: no ACPI, the guest finds the MP table instead
+        rsdp_addr,
         base_addr + memmap_off if e820 else 0,
         len(e820),
         0,

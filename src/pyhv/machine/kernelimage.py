@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pyhv.cache import cache_dir
 from pyhv.errors import PyhvError
 
 MAX_VMLINUX = 512 << 20  # decompressed vmlinux bound: more is a bomb, not a kernel
@@ -500,19 +501,13 @@ def extract_file(
     return kernel
 
 
-def _cache_root() -> Path:
-    """``$XDG_CACHE_HOME/pyhv`` (a relative value is invalid per XDG) or ``~/.cache/pyhv``."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "pyhv"
-
-
 def cached_vmlinux(path: str | os.PathLike[str]) -> Path:
     """Return an extracted vmlinux for a bzImage, decompressing once per distinct image."""
     data = _read(path)
     if data.startswith(ELF_MAGIC):
         ElfKernel.parse(data, path)
         return Path(path)
-    target = _cache_root() / "vmlinux" / f"{hashlib.sha256(data).hexdigest()}.elf"
+    target = cache_dir() / "vmlinux" / f"{hashlib.sha256(data).hexdigest()}.elf"
     if not target.is_file():
         _write_atomic(target, _vmlinux(data, path)[0])
     return target

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyhv.errors import PyhvError
-from pyhv.machine import layout, longmode
+from pyhv.machine import acpi, layout, longmode
 from pyhv.machine.bootparams import build_pvh_start_info, build_zero_page, initrd_address
 from pyhv.machine.kernelimage import BzImage, ElfKernel, cached_vmlinux, load_kernel
 from pyhv.machine.mptable import build_mptable
@@ -104,16 +104,21 @@ def load_linux(machine, kernel: str | Path, initrd: str | Path | None = None,
     # KVM's default GSI routing wires the PIT to IOAPIC pin 0, so the MP table says so.
     mptable = build_mptable(layout.MPTABLE_START, machine.cpus, timer_pin=0)
     machine.memory.write(layout.MPTABLE_START, mptable)
+    # ACPI too: kernels built without CONFIG_X86_MPPARSE (Debian's cloud kernel) find their
+    # CPUs, IOAPIC and power-off only there.
+    machine.memory.write(acpi.RSDP_ADDR, acpi.build_acpi_tables(machine.cpus))
     machine.setup_long_mode()
     bsp = machine.vcpus[0]
     if use_pvh:
         machine.memory.write(layout.PVH_START_INFO, build_pvh_start_info(
-            layout.PVH_START_INFO, e820, layout.CMDLINE_START, initrd_addr, initrd_size))
+            layout.PVH_START_INFO, e820, layout.CMDLINE_START, initrd_addr, initrd_size,
+            acpi.RSDP_ADDR))
         bsp.set_sregs(**longmode.protected_mode_sregs(layout.BOOT_GDT, layout.BOOT_IDT))
         bsp.set_regs(rip=entry, rbx=layout.PVH_START_INFO, rflags=2)
     else:
         machine.memory.write(layout.ZERO_PAGE, build_zero_page(
-            header, e820, layout.CMDLINE_START, len(raw_cmdline), initrd_addr, initrd_size))
+            header, e820, layout.CMDLINE_START, len(raw_cmdline), initrd_addr, initrd_size,
+            acpi.RSDP_ADDR))
         bsp.set_sregs(**longmode.long_mode_sregs(layout.PML4_START, layout.BOOT_GDT,
                                                  layout.BOOT_IDT))
         bsp.set_regs(rip=entry, rsi=layout.ZERO_PAGE, rsp=layout.BOOT_STACK_TOP,

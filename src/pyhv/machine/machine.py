@@ -18,10 +18,12 @@ from hvcore.uart import Uart
 from pyhv.errors import PyhvError
 from pyhv.machine import layout, longmode
 from pyhv.machine.cpu import configure_vcpu
+from pyhv.machine.devices import power
 from pyhv.machine.devices.boottimer import BootTimer
 from pyhv.machine.devices.cmos import Cmos
 from pyhv.machine.devices.i8042 import I8042
 from pyhv.machine.devices.pci import PciConfigSpace
+from pyhv.machine.devices.power import AcpiPower
 from pyhv.machine.exit import MachineExit, describe
 from pyhv.machine.mptable import MAX_CPUS
 
@@ -90,11 +92,15 @@ class Machine:
         self.cmos = Cmos(below_4g, mem - below_4g)
         self.pci = PciConfigSpace()
         self.boot_timer = BootTimer(self.started)
+        self.power = AcpiPower(
+            on_poweroff=lambda: self.stop("poweroff", "guest powered off (ACPI S5)"),
+            on_reset=lambda: self.stop("reset", "guest reset the machine (ACPI reset register)"))
         self.pio.add(SERIAL_PORT, 8, self.uart)
         self.pio.add(0x60, 5, self.i8042)
         self.pio.add(0x70, 2, self.cmos)
         self.pio.add(layout.PCI_CONFIG_ADDRESS, 8, self.pci)
         self.pio.add(0x3F0, 1, self.boot_timer)
+        self.pio.add(power.BASE_PORT, power.PORTS, self.power)
 
     # ---- loading ---------------------------------------------------------------------
 
