@@ -16,9 +16,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# Build requirements live in the venv too (no build isolation), so `make build` can
+# rebuild the extensions in place after a .pyx change.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(MAKE) deps
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q 'setuptools>=68' wheel 'Cython>=3.0.10,<3.4'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	touch $@
 
 install: $(STAMP) build

@@ -23,6 +23,7 @@ cdef class GuestMemory:
         cdef uint64_t offset = 0
         cdef uint64_t prev_end = 0
         cdef int i
+        self.fd = -1            # before anything can raise: __dealloc__ closes it
         regions = sorted((int(g), int(s)) for g, s in regions)
         if not 0 < len(regions) <= MAX_REGIONS:
             raise ValueError(f"guest RAM needs 1 to {MAX_REGIONS} regions, got {len(regions)}")
