@@ -1,11 +1,13 @@
 """Builds the Cython core (src/hvcore). Compiler directives and warnings live here, in one place."""
 
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["memory", "bus", "kvm", "uart", "devices"]
+# Every src/hvcore/*.pyx is one extension module.
+MODULES = sorted(p.stem for p in Path(__file__).parent.joinpath("src", "hvcore").glob("*.pyx"))
 
 directives = {"language_level": 3, "embedsignature": True, "cdivision": True}
 debug = os.environ.get("PYHV_DEBUG") == "1"
@@ -14,7 +16,7 @@ extensions = [
         f"hvcore.{name}",
         [f"src/hvcore/{name}.pyx"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
-        + (["-DPYHV_DEBUG=1", "-g"] if debug else []),
+        + (["-g", "-O0"] if debug else []),
     )
     for name in MODULES
 ]

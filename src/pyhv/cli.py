@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -10,6 +11,9 @@ import sys
 from pyhv import __version__
 from pyhv.errors import PyhvError
 
+# Each subsystem adds its own subcommands: `register(subparsers)` creates parsers whose
+# defaults carry `handler=callable(args) -> int` (imports stay lazy inside the handlers).
+SUBSYSTEM_CLIS = ("pyhv.disk.cli", "pyhv.net.cli", "pyhv.share.cli", "pyhv.guest.cli")
 TIMEOUT_STATUS = 124    # as timeout(1): the run was cut short by --timeout
 DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
 
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("fetch", help="download Debian's cloud kernel (cached) and print its path")
 
     sub.add_parser("doctor", help="report what this host can run")
+    for name in SUBSYSTEM_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise           # a real import error inside the subsystem
+            continue
+        module.register(sub)
     return p
 
 
@@ -132,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"run": cmd_run, "doctor": cmd_doctor, "kernel": cmd_kernel}
     try:
-        return handlers[args.command](args)
+        handler = getattr(args, "handler", None) or handlers[args.command]
+        return handler(args)
     except KeyboardInterrupt:
         return 130
     except (PyhvError, OSError) as e:

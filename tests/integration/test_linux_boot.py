@@ -70,3 +70,19 @@ def test_bzimage_through_its_own_decompressor(debian_kernel, guest_kernel_native
         run.wait_for("Linux version", f"Command line: {CMDLINE}")
     finally:
         run.stop()
+
+
+def test_initrd_is_handed_to_the_kernel(vmlinux, tmp_path):
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"\x00" * ((3 << 20) + 123))     # size deliberately not page-aligned
+    run = ConsoleRun(tmp_path / "console.log", "--kernel", str(vmlinux), "--memory", "256m",
+                     "--initrd", str(initrd))
+    try:
+        text = run.wait_for("RAMDISK: [mem ")
+    finally:
+        run.stop()
+    start, end = (int(x, 16) for x in re.search(r"RAMDISK: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]",
+                                                 text).groups())
+    assert start % 4096 == 0
+    assert end + 1 - start == -(-initrd.stat().st_size // 4096) * 4096
+    assert end < 256 << 20

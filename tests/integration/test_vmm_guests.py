@@ -290,3 +290,18 @@ def test_acpi_sleep_register_ignores_other_sleep_states(console):
         m.load_flat(asm16("mov dx, 0x600\nmov al, 0x2c\nout dx, al\nhlt\n"), 0x1000)
         result = m.run(timeout=30)
     assert result.kind == "halted"
+
+
+def test_kvm_internal_error_names_suberror_and_rip(console):
+    from pyhv.machine.cpu import host_is_pvm
+
+    if not host_is_pvm():
+        pytest.skip("needs PVM's instruction emulator, which cannot emulate lock cmpxchg16b; "
+                    "hardware KVM runs it natively and no internal error happens")
+    with machine(console) as m:
+        m.load_flat(asm64("mov rbx, 0x2000\nlock cmpxchg16b [rbx]\nhlt\n"), 0x100000,
+                    mode="long")
+        result = m.run(timeout=30)
+    assert result.kind == "internal-error" and result.exit_code == 1
+    assert "suberror 1 (emulation failure)" in result.message
+    assert "RIP 0x100007" in result.message    # the faulting instruction, after the mov
