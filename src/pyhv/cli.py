@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
 
 from pyhv import __version__
 from pyhv.errors import PyhvError
+from pyhv.runner import DEFAULT_APPEND
 
 # Each subsystem adds its own subcommands: `register(subparsers)` creates parsers whose
 # defaults carry `handler=callable(args) -> int` (imports stay lazy inside the handlers).
 SUBSYSTEM_CLIS = ("pyhv.disk.cli", "pyhv.net.cli", "pyhv.share.cli", "pyhv.guest.cli")
-TIMEOUT_STATUS = 124    # as timeout(1): the run was cut short by --timeout
-DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial reboot=k panic=1 pci=conf1 nomodeset i8042.noaux"
 
 
 def _positive_int(text: str) -> int:
@@ -50,11 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="boot a Linux kernel")
-    run.add_argument("--kernel", required=True, help="bzImage or ELF vmlinux")
+    run = sub.add_parser("run", help="boot a guest; `pyhv run -- CMD ARGS` runs CMD in the "
+                         "default guest and exits with its status")
+    run.add_argument("--kernel", help="bzImage or ELF vmlinux (default: the default guest, "
+                     "built on first use)")
     run.add_argument("--initrd", help="initramfs / initrd image")
-    run.add_argument("--append", default=DEFAULT_APPEND,
-                     help=f"kernel command line (default: {DEFAULT_APPEND!r})")
+    run.add_argument("--append", help="kernel command line (default with --kernel: "
+                     f"{DEFAULT_APPEND!r}; with the default guest: extra arguments)")
+    run.add_argument("--engine", choices=["auto", "kvm", "qemu"], default="auto",
+                     help="pyhv's own VMM (kvm), QEMU (qemu), or kvm where guest kernel code "
+                          "runs natively (auto)")
     run.add_argument("--cpus", type=_positive_int, default=1, help="number of vCPUs")
     run.add_argument("--memory", "-m", type=_size, default=512 << 20,
                      help="guest RAM, e.g. 512m, 2g (a bare number means MiB)")
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boot a bzImage through its own decompressor instead of "
                           "extracting the vmlinux on the host")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+    run.add_argument("argv", nargs="*", metavar="COMMAND",
+                     help="command and arguments to run in the guest (after --)")
 
     kernel = sub.add_parser("kernel", help="kernel image tools")
     ksub = kernel.add_subparsers(dest="kernel_command", required=True)
@@ -87,34 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyhv.machine.console import Console
-    from pyhv.machine.kernelimage import load_kernel
-    from pyhv.machine.machine import Machine
+    from pyhv.runner import run
 
-    load_kernel(args.kernel)   # a bad kernel is reported before KVM is touched
-    with Machine(memory=args.memory, cpus=args.cpus, console=args.console_log) as m:
-        m.load_linux(args.kernel, args.initrd, args.append, extract=not args.no_extract,
-                     protocol=args.boot)
-
-        def on_signal(signum: int, _frame) -> None:
-            m.stop("stopped", f"stopped by {signal.Signals(signum).name}")
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-        if os.isatty(0):
-            with Console(m.uart, on_quit=lambda: m.stop("quit", "quit from the console")):
-                result = m.run(timeout=args.timeout)
-        else:
-            result = m.run(timeout=args.timeout)
-    for t in result.boot_times:
-        print(f"pyhv: guest boot time {t * 1000:.1f} ms", file=sys.stderr)
-    if not result.ok:
-        print(f"pyhv: {result.message}", file=sys.stderr)
-    elif args.debug:
-        print(f"pyhv: {result.message}", file=sys.stderr)
-    if result.kind == "timeout":
-        return TIMEOUT_STATUS
-    return result.exit_code
+    return run(args)
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
