@@ -1,0 +1,164 @@
+"""The stack: takes frames from a port, parses them in Cython, and hands each to the part
+that owns it (ARP and ICMP here; UDP, TCP and DHCP in their modules). Answers go back
+through the same port. Drops are counted by reason; nothing a guest sends raises."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from hvcore import netpkt
+from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
+from pyhv.net.config import GATEWAY_MAC, NetConfig
+from pyhv.net.frag import Fragments
+from pyhv.net.ports import FramePort
+
+BROADCAST_MAC = 0xFFFFFFFFFFFF
+
+
+class Stack:
+    """One virtual network: a gateway, its services and NAT, behind one frame port."""
+
+    def __init__(self, cfg: NetConfig, port: FramePort, pcap=None):
+        from pyhv.net.dhcp import Dhcp
+        from pyhv.net.icmp import Icmp
+        from pyhv.net.tcpnat import TcpNat
+        from pyhv.net.udp import UdpNat
+
+        self.cfg, self.port, self.pcap = cfg, port, pcap
+        self.vnet = port.offload
+        self.builder = netpkt.Builder(GATEWAY_MAC, cfg.mtu, port.offload)
+        self.counters: Counter[str] = Counter()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.guest_addrs: set[int] = {cfg.guest}
+        self.frags = Fragments(cfg.max_fragments, cfg.fragment_timeout)
+        self.dhcp = Dhcp(self)
+        self.icmp = Icmp(self)
+        self.udp = UdpNat(self)
+        self.tcp = TcpNat(self)
+        self.ack_pending: set = set()
+        self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
+        self.dns_tcp_addr: tuple[str, int] | None = None  # and its TCP listener
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.port.start(self.receive)
+        self.tcp.start()
+        self.udp.start()
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+        self.icmp.close()
+        self.port.close()
+
+    # ---- input
+
+    def receive(self, frames: list[bytes]) -> None:
+        """A batch of frames from the port; ACKs owed are sent once at the end."""
+        if self.pcap is not None:
+            self.pcap.write(frames, self.vnet)
+        for frame in frames:
+            self.frame(frame)
+        if self.ack_pending:
+            pending, self.ack_pending = self.ack_pending, set()
+            for conn in pending:
+                conn.flush_ack()
+
+    def frame(self, frame: bytes) -> None:
+        pkt = netpkt.parse(frame, self.vnet)
+        kind = pkt.kind
+        if kind == IPV4:
+            self.ip(pkt)
+        elif kind == ARP:
+            self.arp(pkt)
+        elif kind == FRAGMENT:
+            self.counters["fragments"] += 1
+            whole = self.frags.add(pkt)
+            if whole is not None:
+                ip = netpkt.parse_ip(whole)
+                if ip.kind == IPV4:
+                    self.ip(ip)
+                else:
+                    self.drop(ip.reason_text)
+        elif kind == OTHER:
+            self.counters["ignored ethertype"] += 1
+        else:
+            self.drop(pkt.reason_text)
+
+    def drop(self, reason: str) -> None:
+        self.counters["dropped"] += 1
+        self.counters[f"dropped: {reason}"] += 1
+
+    def learn(self, pkt) -> None:
+        if pkt.mac_src != self.builder.guest_mac and not pkt.mac_src & (1 << 40):
+            self.builder.guest_mac = pkt.mac_src
+
+    def arp(self, pkt) -> None:
+        """Answer requests for every address except the guests' own (the guest can reach
+        anything through us; its duplicate-address probes stay unanswered)."""
+        self.learn(pkt)
+        if pkt.arp_op != 1:
+            return
+        tpa = pkt.arp_tpa
+        if pkt.arp_spa:
+            self.guest_addrs.add(pkt.arp_spa)
+        if tpa == pkt.arp_spa or (tpa in self.guest_addrs and tpa != self.cfg.gw) or \
+                tpa == 0 or tpa == self.cfg.broadcast:
+            return
+        self.counters["arp replies"] += 1
+        self.send([self.builder.arp_reply(pkt.arp_sha, pkt.arp_spa, tpa)])
+
+    def ip(self, pkt) -> None:
+        self.learn(pkt)
+        proto = pkt.proto
+        if proto == 6:
+            self.tcp.segment(pkt)
+        elif proto == 17:
+            if pkt.dport == 67 and (pkt.dst == self.cfg.gw or pkt.dst == 0xFFFFFFFF):
+                self.dhcp.request(pkt)
+            else:
+                self.udp.datagram(pkt)
+        elif proto == 1:
+            self.icmp.message(pkt)
+        else:
+            self.counters["ignored ip protocol"] += 1
+
+    # ---- output
+
+    def send(self, frames: list) -> None:
+        if self.pcap is not None:
+            self.pcap.write(frames, self.vnet)
+        self.port.send(frames)
+
+    def unreachable(self, pkt_head: bytes, code: int) -> None:
+        """ICMP destination unreachable (code 0 net, 1 host, 3 port) quoting `pkt_head`,
+        the offending datagram's IP header and first 8 payload bytes."""
+        src = int.from_bytes(pkt_head[16:20], "big")
+        dst = int.from_bytes(pkt_head[12:16], "big")
+        self.counters["icmp unreachable sent"] += 1
+        self.send([self.builder.icmp(src, dst, 3, code, 0, pkt_head)])
+
+    # ---- mapping guest destinations to host ones
+
+    def host_target(self, dst: int, port: int, proto: str) -> tuple[str, int] | None:
+        """The host address a guest flow to (dst, port) becomes, or None to refuse it."""
+        cfg = self.cfg
+        if dst == cfg.gw:
+            if port == 53 and self.dns_addr is not None:
+                return self.dns_addr if proto == "udp" else self.dns_tcp_addr
+            return None
+        if dst == cfg.alias:
+            return ("127.0.0.1", port)
+        if cfg.in_subnet(dst) or dst >> 28 >= 14 or dst >> 24 in (0, 127):
+            return None
+        return (netpkt_ipstr(dst), port)
+
+    def stats(self) -> dict:
+        return {"counters": dict(self.counters), "port": self.port.stats(),
+                "tcp": self.tcp.stats(), "udp": self.udp.stats(),
+                "fragments dropped": self.frags.dropped}
+
+
+def netpkt_ipstr(value: int) -> str:
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"

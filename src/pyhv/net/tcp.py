@@ -1,0 +1,485 @@
+"""One TCP flow between the guest and a host socket: the state machine (RFC 9293) on the
+guest side, plain asyncio transport calls on the host side.
+
+pyhv plays the guest's peer. Sequence numbers are kept unwrapped (Python ints); the wire
+carries them mod 2**32. Flow control is tied to the host socket: the window offered to the
+guest is `tcp_rcv_buffer` minus what the host socket has not taken yet (its transport
+write buffer) and out-of-order data held; data from the host waits in `sndbuf` until the
+guest acknowledges it, and the host socket stops being read while `sndbuf` is full. So
+no queue grows without bound. Segment building and reassembly are in `hvcore.netpkt`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+from hvcore.netpkt import ACK, FIN, RST, SYN, Reassembly
+
+M32 = 0xFFFFFFFF
+(CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, FIN_WAIT_2, CLOSING,
+ LAST_ACK, TIME_WAIT, CLOSED) = range(11)
+STATES = ("CONNECTING", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT_1",
+          "FIN_WAIT_2", "CLOSING", "LAST_ACK", "TIME_WAIT", "CLOSED")
+WSCALE = 7                      # our window scale: windows up to 8 MiB
+MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
+MAX_RETRIES = 8
+
+
+def unwrap(value: int, ref: int) -> int:
+    """The unwrapped sequence number nearest `ref` whose low 32 bits are `value`."""
+    d = (value - ref) & M32
+    return ref + d - (1 << 32) if d >= 1 << 31 else ref + d
+
+
+class HostSide(asyncio.Protocol):
+    """The host socket of one flow: forwards its events to the TcpConn."""
+
+    def __init__(self, conn: TcpConn | None = None):
+        self.conn = conn
+
+    def connection_made(self, transport) -> None:
+        self.conn.host_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.host_data(data)
+
+    def eof_received(self) -> bool:
+        self.conn.host_eof()
+        return True                 # keep the socket open for our half: half-close
+
+    def connection_lost(self, exc) -> None:
+        self.conn.host_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.host_blocked = True
+
+    def resume_writing(self) -> None:
+        self.conn.host_blocked = False
+        self.conn.window_update()
+
+
+class TcpConn:
+    def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
+        self.nat, self.stack = nat, nat.stack
+        self.builder = nat.stack.builder
+        self.loop = nat.stack.loop
+        cfg = nat.stack.cfg
+        self.rcv_cap, self.snd_cap = cfg.tcp_rcv_buffer, cfg.tcp_snd_buffer
+        self.key = (guest, gport, peer, pport)
+        self.guest, self.gport, self.peer, self.pport = guest, gport, peer, pport
+        self.state = CONNECTING
+        self.iss = random.getrandbits(32)
+        self.snd_una = self.snd_nxt = self.iss
+        self.snd_wnd = 0
+        self.snd_wscale = self.rcv_wscale = 0
+        self.sndbuf = bytearray()
+        self.fin_queued = False
+        self.fin_seq: int | None = None
+        self.irs = self.rcv_nxt = self.rcv_adv = 0
+        self.reasm: Reassembly | None = None
+        self.mss = 536
+        self.transport: asyncio.Transport | None = None
+        self.host_paused = self.host_blocked = False
+        self.rto = INIT_RTO
+        self.rto_deadline: float | None = None
+        self.rto_handle: asyncio.TimerHandle | None = None
+        self.retries = self.dupacks = 0
+        self.rtt_seq: int | None = None
+        self.rtt_time = 0.0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.last_ack = self.last_wnd = -1
+        self.seen = self.loop.time()
+        self.bytes_to_host = self.bytes_to_guest = 0
+        self.syn_head = b""
+        self.on_close = None
+
+    # ---- frames to the guest
+
+    def _wnd(self) -> int:
+        buffered = self.transport.get_write_buffer_size() if self.transport else 0
+        held = self.reasm.pending if self.reasm is not None else 0
+        return max(0, self.rcv_cap - buffered - held)
+
+    def _wnd_field(self) -> int:
+        return min(self._wnd() >> self.rcv_wscale, 0xFFFF)
+
+    def _sent_ack(self, wnd_field: int) -> None:
+        self.last_ack, self.last_wnd = self.rcv_nxt, wnd_field
+        edge = self.rcv_nxt + (wnd_field << self.rcv_wscale)
+        if edge > self.rcv_adv:
+            self.rcv_adv = edge
+
+    def _segment(self, flags: int, seq: int | None = None, **options) -> None:
+        wnd = self._wnd_field() if not flags & SYN else min(self._wnd(), 0xFFFF)
+        seq = self.snd_nxt if seq is None else seq
+        self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest, self.gport,
+                                          seq & M32, self.rcv_nxt & M32, flags, wnd,
+                                          **options)])
+        if flags & ACK:
+            self._sent_ack(wnd if not flags & SYN else wnd >> self.rcv_wscale)
+
+    def ack_now(self) -> None:
+        self._segment(ACK)
+
+    def flush_ack(self) -> None:
+        """Called once per batch of guest frames: one ACK for all of them, if owed."""
+        if self.state in (CLOSED, CONNECTING, SYN_SENT, SYN_RCVD):
+            return
+        if self.rcv_nxt != self.last_ack or self._wnd_field() > self.last_wnd:
+            self.ack_now()
+
+    def window_update(self) -> None:
+        if self.state not in (CLOSED, CONNECTING, SYN_SENT, SYN_RCVD) and \
+                self._wnd_field() > self.last_wnd:
+            self.ack_now()
+
+    def send_reset(self) -> None:
+        self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest, self.gport,
+                                          self.snd_nxt & M32, self.rcv_nxt & M32, RST | ACK,
+                                          0)])
+
+    def _syn_options(self) -> dict:
+        return {"mss": self.stack.cfg.mtu - 40,
+                "wscale": WSCALE if self.rcv_wscale or self.state == SYN_SENT else -1}
+
+    def send_synack(self) -> None:
+        self.state = SYN_RCVD
+        self._segment(SYN | ACK, seq=self.iss, **self._syn_options())
+        self.snd_nxt = self.iss + 1
+        self._arm()
+
+    def send_syn(self) -> None:
+        """Open the flow from our side (a port forward)."""
+        self.state = SYN_SENT
+        self.rcv_wscale = WSCALE
+        self._segment(SYN, seq=self.iss, **self._syn_options())
+        self.snd_nxt = self.iss + 1
+        self._arm()
+
+    def _output(self) -> None:
+        """Send what the guest's window allows, then our FIN once everything is sent."""
+        if self.state not in (ESTABLISHED, CLOSE_WAIT):
+            return
+        data_end = self.snd_una + len(self.sndbuf)
+        end = min(self.snd_una + self.snd_wnd, data_end)
+        if end > self.snd_nxt:
+            wnd = self._wnd_field()
+            frames = self.builder.tcp_data(
+                self.peer, self.pport, self.guest, self.gport, self.snd_nxt & M32,
+                self.rcv_nxt & M32, wnd, self.sndbuf, self.snd_nxt - self.snd_una,
+                end - self.snd_nxt, self.mss)
+            self.stack.send(frames)
+            self.bytes_to_guest += end - self.snd_nxt
+            if self.rtt_seq is None:
+                self.rtt_seq, self.rtt_time = end, self.loop.time()
+            self.snd_nxt = end
+            self._sent_ack(wnd)
+            self._arm(keep=True)
+        if self.fin_queued and self.fin_seq is None and self.snd_nxt == data_end:
+            self.fin_seq = self.snd_nxt
+            self._segment(FIN | ACK)
+            self.snd_nxt += 1
+            self.state = FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK
+            self._arm(keep=True)
+        elif self.snd_wnd == 0 and data_end > self.snd_nxt and self.snd_nxt == self.snd_una:
+            self._arm(keep=True)               # persist timer: probe the zero window
+
+    # ---- timers
+
+    def _arm(self, keep: bool = False) -> None:
+        if keep and self.rto_deadline is not None:
+            return
+        self.rto_deadline = self.loop.time() + self.rto
+        if self.rto_handle is None:
+            self.rto_handle = self.loop.call_at(self.rto_deadline, self._timer)
+
+    def _timer(self) -> None:
+        self.rto_handle = None
+        if self.rto_deadline is None or self.state == CLOSED:
+            return
+        if self.loop.time() < self.rto_deadline:
+            self.rto_handle = self.loop.call_at(self.rto_deadline, self._timer)
+            return
+        self.rto_deadline = None
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            self.stack.counters["tcp aborted: retransmission limit"] += 1
+            self.abort()
+            return
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self.rtt_seq = None                    # Karn: no RTT samples from retransmissions
+        self.stack.counters["tcp retransmission timeouts"] += 1
+        if self.state == SYN_RCVD:
+            self.send_synack()
+        elif self.state == SYN_SENT:
+            self.send_syn()
+        elif self.snd_nxt > self.snd_una:
+            self._retransmit()
+            self._arm()
+        elif self.snd_una + len(self.sndbuf) > self.snd_nxt and self.state in (ESTABLISHED,
+                                                                              CLOSE_WAIT):
+            self._send_data(self.snd_nxt, 1)     # zero-window probe: one new byte
+            self.snd_nxt += 1
+            self._arm()
+
+    def _send_data(self, seq: int, n: int) -> None:
+        self.stack.send(self.builder.tcp_data(
+            self.peer, self.pport, self.guest, self.gport, seq & M32, self.rcv_nxt & M32,
+            self._wnd_field(), self.sndbuf, seq - self.snd_una, n, self.mss))
+
+    def _retransmit(self) -> None:
+        inflight = min(self.snd_nxt - self.snd_una, len(self.sndbuf))
+        if inflight > 0:
+            self._send_data(self.snd_una, min(self.mss, inflight))
+        elif self.fin_seq is not None and self.snd_una <= self.fin_seq:
+            self._segment(FIN | ACK, seq=self.fin_seq)
+
+    # ---- segments from the guest
+
+    def accept_syn(self, pkt) -> None:
+        """Take the guest's SYN options (before the host connect completes)."""
+        self.irs = pkt.seq
+        self.rcv_nxt = self.rcv_adv = pkt.seq + 1
+        self.mss = max(64, min(pkt.mss or 536, self.stack.cfg.mtu - 40))
+        if pkt.wscale >= 0:
+            self.snd_wscale, self.rcv_wscale = pkt.wscale, WSCALE
+        self.snd_wnd = pkt.window
+
+    def segment(self, pkt) -> None:
+        self.seen = self.loop.time()
+        flags, state = pkt.flags, self.state
+        if state == SYN_SENT:
+            self._syn_sent(pkt)
+            return
+        if flags & RST:
+            seq = unwrap(pkt.seq, self.rcv_nxt)
+            if state in (CONNECTING, SYN_RCVD) or self.rcv_nxt <= seq <= max(self.rcv_adv,
+                                                                            self.rcv_nxt):
+                self.stack.counters["tcp reset by guest"] += 1
+                self._abort_host()
+                self.finish()
+            return
+        if flags & SYN:
+            if state == SYN_RCVD and pkt.seq == self.irs:
+                self.send_synack()
+            elif state != CONNECTING:
+                self.ack_now()                 # challenge ACK (RFC 5961)
+            return
+        if state == CONNECTING or not flags & ACK:
+            return
+        ack = unwrap(pkt.ack, self.snd_una)
+        if state == SYN_RCVD:
+            if ack != self.iss + 1:
+                self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest,
+                                                  self.gport, pkt.ack, 0, RST, 0)])
+                return
+            self.state = ESTABLISHED
+            self.retries = 0
+        if ack > self.snd_nxt:
+            self.ack_now()
+            return
+        wnd = pkt.window << self.snd_wscale
+        if ack > self.snd_una:
+            self._acked(ack)
+        elif ack == self.snd_una and not pkt.payload_len and not flags & FIN and \
+                self.snd_nxt > self.snd_una and wnd == self.snd_wnd:
+            self.dupacks += 1
+            if self.dupacks == 3:
+                self.stack.counters["tcp fast retransmits"] += 1
+                self._retransmit()
+        self.snd_wnd = wnd
+        if self.state == CLOSED:
+            return
+        if pkt.payload_len or flags & FIN:
+            self._receive(pkt)
+        self._output()
+
+    def _syn_sent(self, pkt) -> None:
+        flags = pkt.flags
+        if flags & ACK and pkt.ack != (self.iss + 1) & M32:
+            if not flags & RST:
+                self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest,
+                                                  self.gport, pkt.ack, 0, RST, 0)])
+            return
+        if flags & RST:
+            self.stack.counters["tcp forward refused by guest"] += 1
+            self._abort_host()
+            self.finish()
+            return
+        if not (flags & SYN and flags & ACK):
+            return
+        self.irs = pkt.seq
+        self.rcv_nxt = self.rcv_adv = pkt.seq + 1
+        self.mss = max(64, min(pkt.mss or 536, self.stack.cfg.mtu - 40))
+        if pkt.wscale >= 0:
+            self.snd_wscale = pkt.wscale
+        else:
+            self.rcv_wscale = 0
+        self.snd_una = self.iss + 1
+        self.snd_wnd = pkt.window
+        self.state = ESTABLISHED
+        self.retries = 0
+        self.rto_deadline = None
+        self.ack_now()
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._output()
+
+    def _acked(self, ack: int) -> None:
+        n = ack - self.snd_una
+        if self.sndbuf:
+            del self.sndbuf[:min(n, len(self.sndbuf))]
+        self.snd_una = ack
+        self.dupacks = self.retries = 0
+        now = self.loop.time()
+        if self.rtt_seq is not None and ack >= self.rtt_seq:
+            sample = now - self.rtt_time
+            if self.srtt is None:
+                self.srtt, self.rttvar = sample, sample / 2
+            else:
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+                self.srtt = 0.875 * self.srtt + 0.125 * sample
+            self.rto = min(MAX_RTO, max(MIN_RTO, self.srtt + 4 * self.rttvar))
+            self.rtt_seq = None
+        self.rto_deadline = None if ack == self.snd_nxt else now + self.rto
+        if self.host_paused and len(self.sndbuf) < self.snd_cap // 2 and self.transport:
+            self.host_paused = False
+            self.transport.resume_reading()
+        if self.fin_seq is not None and ack > self.fin_seq:
+            if self.state == FIN_WAIT_1:
+                self.state = FIN_WAIT_2
+            elif self.state == CLOSING:
+                self._time_wait()
+            elif self.state == LAST_ACK:
+                self.finish()
+
+    def _receive(self, pkt) -> None:
+        if self.state not in (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2):
+            self.ack_now()                     # a retransmitted FIN: ACK it again
+            return
+        seq, n = unwrap(pkt.seq, self.rcv_nxt), pkt.payload_len
+        end = seq + n
+        counters = self.stack.counters
+        if n:
+            reasm = self.reasm
+            if seq <= self.rcv_nxt and (reasm is None or not reasm.pending):
+                if end <= self.rcv_nxt:
+                    counters["tcp duplicate segments"] += 1
+                    self.ack_now()
+                    return
+                take = min(end, max(self.rcv_adv, self.rcv_nxt))
+                if take > self.rcv_nxt:
+                    self._to_host(pkt.payload[self.rcv_nxt - seq:take - seq])
+                    self.rcv_nxt = take
+                if take < end:
+                    counters["tcp dropped: beyond window"] += 1
+                    self.ack_now()
+                    return
+            else:
+                if end <= self.rcv_nxt or seq >= self.rcv_nxt + self.rcv_cap:
+                    counters["tcp dropped: outside window"] += 1
+                    self.ack_now()
+                    return
+                if reasm is None:
+                    reasm = self.reasm = Reassembly(self.rcv_cap, self.rcv_nxt)
+                elif not reasm.pending:
+                    reasm.set_base(self.rcv_nxt)
+                ready = reasm.add(seq, pkt.payload)
+                counters["tcp out-of-order segments"] += 1
+                if ready < 0:
+                    counters["tcp dropped: too many holes"] += 1
+                elif ready:
+                    self._to_host(reasm.take())
+                    self.rcv_nxt = reasm.base
+                self.ack_now()                 # duplicate ACK: tells the guest what is missing
+            self.stack.ack_pending.add(self)
+        if pkt.flags & FIN and end == self.rcv_nxt:
+            self.rcv_nxt += 1
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write_eof()
+            if self.state == ESTABLISHED:
+                self.state = CLOSE_WAIT
+            elif self.state == FIN_WAIT_1:
+                self.state = CLOSING
+            else:
+                self._time_wait()
+            self.ack_now()
+
+    def _to_host(self, data) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self.stack.counters["tcp dropped: host socket closed"] += 1
+            return
+        self.transport.write(data)
+        self.bytes_to_host += len(data)
+
+    # ---- host socket events
+
+    def host_connected(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.rcv_cap // 2, low=self.rcv_cap // 8)
+
+    def host_data(self, data: bytes) -> None:
+        self.sndbuf += data
+        if len(self.sndbuf) >= self.snd_cap and not self.host_paused:
+            self.host_paused = True
+            self.transport.pause_reading()
+        self._output()
+
+    def host_eof(self) -> None:
+        self.fin_queued = True
+        self._output()
+
+    def host_lost(self, exc) -> None:
+        self.transport = None
+        if self.state in (CLOSED, TIME_WAIT):
+            return
+        if exc is not None:
+            self.stack.counters["tcp reset by host"] += 1
+            self.abort()
+        elif not self.fin_queued:
+            self.host_eof()
+
+    # ---- ends
+
+    def _abort_host(self) -> None:
+        t, self.transport = self.transport, None
+        if t is not None:
+            sock = t.get_extra_info("socket")
+            try:                               # close with RST, as the guest did
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, AttributeError):
+                pass
+            t.abort()
+
+    def abort(self) -> None:
+        """Reset both sides (host failure, idle timeout, retransmission limit)."""
+        if self.state not in (CONNECTING, SYN_SENT, CLOSED, TIME_WAIT):
+            self.send_reset()
+        self._abort_host()
+        self.finish()
+
+    def _time_wait(self) -> None:
+        self.state = TIME_WAIT
+        self.rto_deadline = None
+        if self.transport is not None:
+            self.transport.close()
+        self.loop.call_later(self.stack.cfg.time_wait, self.finish)
+
+    def finish(self) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.rto_deadline = None
+        if self.rto_handle is not None:
+            self.rto_handle.cancel()
+            self.rto_handle = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        self.reasm = None
+        self.sndbuf = bytearray()
+        self.nat.remove(self)
