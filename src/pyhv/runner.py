@@ -44,6 +44,16 @@ def _say(message: str) -> None:
 
 
 def prepare(args) -> RunSpec:
+    """Everything checked before a VMM starts, whichever engine runs the guest."""
+    from pyhv.machine.layout import validate_memory
+    from pyhv.machine.mptable import MAX_CPUS
+
+    validate_memory(args.memory)
+    if args.cpus > MAX_CPUS:
+        raise PyhvError(f"--cpus must be between 1 and {MAX_CPUS}, got {args.cpus}")
+    if args.initrd is not None and not os.access(args.initrd, os.R_OK):
+        raise PyhvError(f"cannot read initrd {args.initrd}: "
+                        f"{'permission denied' if os.path.exists(args.initrd) else 'no such file'}")
     command = list(args.argv or [])
     if args.kernel is None:
         from pyhv.guest.build import default_guest

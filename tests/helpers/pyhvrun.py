@@ -21,11 +21,13 @@ def pyhv(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 class ConsoleRun:
-    """`pyhv run ... --console-log LOG` in the background; `wait_for` polls the log."""
+    """`pyhv run --engine kvm ... --console-log LOG` (pyhv's own VMM) in the background;
+    `wait_for` polls the log."""
 
     def __init__(self, log: Path, *args: str):
         self.log = log
-        self.proc = subprocess.Popen([*PYHV, "run", "--console-log", str(log), *args],
+        self.proc = subprocess.Popen([*PYHV, "run", "--engine", "kvm", "--console-log",
+                                      str(log), *args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 

@@ -16,6 +16,11 @@ from tests.helpers.pyhvrun import PYHV, pyhv
 pytestmark = pytest.mark.usefixtures("kvm_available")
 
 
+def vmm(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`pyhv run --engine kvm ...`: these are the VMM's own checks."""
+    return pyhv("run", "--engine", "kvm", *args, **kw)
+
+
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
@@ -34,45 +39,45 @@ def garbage(tmp_path):
 
 
 def test_missing_kernel(tmp_path):
-    one_line_error(pyhv("run", "--kernel", str(tmp_path / "nope")), "nope", "No such file")
+    one_line_error(vmm("--kernel", str(tmp_path / "nope")), "nope", "No such file")
 
 
 def test_not_a_kernel(garbage):
-    one_line_error(pyhv("run", "--kernel", str(garbage)), "not a Linux kernel")
+    one_line_error(vmm("--kernel", str(garbage)), "not a Linux kernel")
 
 
 def test_truncated_bzimage(debian_kernel, tmp_path):
     cut = tmp_path / "cut"
     cut.write_bytes(debian_kernel.read_bytes()[: 256 << 10])
-    one_line_error(pyhv("run", "--kernel", str(cut)), "truncated")
+    one_line_error(vmm("--kernel", str(cut)), "truncated")
 
 
 def test_initrd_larger_than_guest_ram(debian_kernel, tmp_path):
     initrd = tmp_path / "huge.img"
     with open(initrd, "wb") as f:
         f.truncate(200 << 20)      # sparse: 200 MiB without using the disk
-    one_line_error(pyhv("run", "--kernel", str(debian_kernel), "--initrd", str(initrd),
+    one_line_error(vmm("--kernel", str(debian_kernel), "--initrd", str(initrd),
                         "--memory", "128m"), "initrd", "does not fit")
 
 
 def test_missing_initrd(debian_kernel, tmp_path):
-    one_line_error(pyhv("run", "--kernel", str(debian_kernel), "--initrd",
+    one_line_error(vmm("--kernel", str(debian_kernel), "--initrd",
                         str(tmp_path / "none.img")), "initrd", "No such file")
 
 
 @pytest.mark.parametrize("memory, needle", [("1m", "too small"), ("100t", "too large"),
                                              ("lots", "size"), ("0", "too small")])
 def test_bad_memory(debian_kernel, memory, needle):
-    one_line_error(pyhv("run", "--kernel", str(debian_kernel), "--memory", memory), needle)
+    one_line_error(vmm("--kernel", str(debian_kernel), "--memory", memory), needle)
 
 
 @pytest.mark.parametrize("cpus", ["0", "-1", "two", "100000"])
 def test_bad_cpus(debian_kernel, cpus):
-    one_line_error(pyhv("run", "--kernel", str(debian_kernel), "--cpus", cpus), "cpus")
+    one_line_error(vmm("--kernel", str(debian_kernel), "--cpus", cpus), "cpus")
 
 
 def test_command_line_too_long(debian_kernel):
-    one_line_error(pyhv("run", "--kernel", str(debian_kernel), "--append", "x" * 5000),
+    one_line_error(vmm("--kernel", str(debian_kernel), "--append", "x" * 5000),
                    "command line", "at most")
 
 
@@ -95,12 +100,12 @@ def test_unreadable_kernel_and_kvm_permission_as_normal_user(debian_kernel):
     os.chmod(public, 0o644)
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(tmp_path)}
-    done = subprocess.run([*as_nobody, *PYHV, "run", "--kernel", str(private)],
+    done = subprocess.run([*as_nobody, *PYHV, "run", "--engine", "kvm", "--kernel", str(private)],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     one_line_error(done, "private-vmlinuz", "ermission denied")
     if os.stat("/dev/kvm").st_mode & 0o006 == 0o006:
         pytest.skip("/dev/kvm is world-accessible here; the group hint cannot be provoked")
-    done = subprocess.run([*as_nobody, *PYHV, "run", "--kernel", str(public)],
+    done = subprocess.run([*as_nobody, *PYHV, "run", "--engine", "kvm", "--kernel", str(public)],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     one_line_error(done, "/dev/kvm", "kvm' group")
     shutil.rmtree(tmp_path)
@@ -127,3 +132,10 @@ def test_doctor_reports_kvm_and_guest_speed():
     assert "API version 12" in done.stdout
     assert "guest kernel code: " in done.stdout
     assert "tool qemu-system-x86_64:" in done.stdout
+
+
+@pytest.mark.parametrize("args, needle", [(["--memory", "1m"], "too small"),
+                                          (["--cpus", "100000"], "cpus"),
+                                          (["--initrd", "/nonexistent/initrd"], "initrd")])
+def test_bad_arguments_are_refused_before_any_engine_starts(args, needle):
+    one_line_error(pyhv("run", "--engine", "qemu", *args, "--", "true"), needle)

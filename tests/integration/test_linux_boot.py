@@ -32,19 +32,24 @@ def vmlinux(debian_kernel, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("image, boot", [("vmlinux", "linux64"), ("bzImage", "auto"),
-                                         ("vmlinux", "pvh")])
-def test_boot_shows_version_cmdline_and_our_e820(image, boot, vmlinux, debian_kernel, tmp_path):
+@pytest.mark.parametrize("image, boot, memory", [("vmlinux", "linux64", 256 << 20),
+                                                 ("bzImage", "auto", 256 << 20),
+                                                 ("vmlinux", "pvh", 256 << 20),
+                                                 ("bzImage", "auto", 4 << 30)])
+def test_boot_shows_version_cmdline_and_our_e820(image, boot, memory, vmlinux, debian_kernel,
+                                                 tmp_path):
     kernel = vmlinux if image == "vmlinux" else debian_kernel
-    run = ConsoleRun(tmp_path / "console.log", "--kernel", str(kernel), "--memory", "256m",
-                     "--boot", boot, "--append", CMDLINE)
+    run = ConsoleRun(tmp_path / "console.log", "--kernel", str(kernel), "--memory",
+                     f"{memory >> 20}m", "--boot", boot, "--append", CMDLINE)
     try:
-        e820 = expected_e820_lines(256 << 20)
+        e820 = expected_e820_lines(memory)
         text = run.wait_for("Linux version", f"Command line: {CMDLINE}", *e820)
     finally:
         assert run.stop() == 0   # SIGTERM is a clean stop
     table = re.findall(r"BIOS-e820: .*", text)
     assert table == e820          # exactly our map, in order, nothing else
+    if memory > 3 << 30:          # RAM beyond the PCI hole continues at 4 GiB
+        assert any(line.startswith("BIOS-e820: [mem 0x0000000100000000-") for line in table)
 
 
 @pytest.mark.parametrize("cpus", [2, 3])

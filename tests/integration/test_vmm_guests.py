@@ -305,3 +305,19 @@ def test_kvm_internal_error_names_suberror_and_rip(console):
     assert result.kind == "internal-error" and result.exit_code == 1
     assert "suberror 1 (emulation failure)" in result.message
     assert "RIP 0x100007" in result.message    # the faulting instruction, after the mov
+
+
+def test_each_vcpu_sees_its_own_apic_id_in_cpuid(console):
+    def report(port: int) -> str:
+        return f"mov eax, 1\ncpuid\nshr ebx, 24\nmov eax, ebx\nmov dx, {port}\nout dx, eax\nhlt\n"
+
+    with machine(console, cpus=2) as m:
+        probes = [Probe(), Probe()]
+        m.pio.add(PROBE_PORT, 1, probes[0])
+        m.pio.add(PROBE_PORT + 1, 1, probes[1])
+        m.load_flat(asm16(report(PROBE_PORT), 0x1000), 0x1000, vcpus=[0])
+        m.load_flat(asm16(report(PROBE_PORT + 1), 0x2000), 0x2000, vcpus=[1])
+        result = m.run(timeout=30)
+    assert result.kind == "halted", result.message
+    assert [p.last_value for p in probes] == [0, 1]
+    assert all(p.writes == 1 for p in probes)
