@@ -430,6 +430,8 @@ cdef class Vcpu:
         signal one inside it."""
         self.stop_requested = 1
         self.krun.immediate_exit = 1
+        # We hold the GIL, and `run` clears in_run only after taking the GIL back, so a
+        # thread seen in_run is alive for the signal.
         if self.in_run:
             pthread_kill(self.thread, KICK_SIGNAL)
 

@@ -31,7 +31,9 @@ def test_manylinux_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert version.stdout.strip() == "pyhv 0.1.0"
     # The compiled core is importable from the installed wheel (not from the source tree).
     probe = subprocess.run([env_dir / "bin/python", "-c",
-                            "import hvcore.kvm, hvcore.uart; print(hvcore.kvm.__file__)"],
+                            "import hvcore.kvm, hvcore.uart; print(hvcore.kvm.__file__); "
+                            "from importlib.resources import files; "
+                            "assert files('pyhv.guest').joinpath('init.sh').is_file()"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     assert str(env_dir) in probe.stdout
