@@ -1,0 +1,100 @@
+"""A network namespace with a TAP served by `pyhv net serve`, for tests against Linux's own
+TCP/IP stack. Everything created is removed again in `close()`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT = Path(__file__).with_name("net_client.py")
+_ids = itertools.count()
+
+
+def netns_reason() -> str | None:
+    """Why these tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and TAP devices)"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    if shutil.which("ip") is None:
+        return "no ip(8) (iproute2)"
+    return None
+
+
+class NetNs:
+    """`ip netns add` + `pyhv net serve --tap ... --netns ...` in the background."""
+
+    def __init__(self, tmp: Path, *serve_args: str, configure: bool = True,
+                 preexec_fn=None):
+        self.name = f"pyhvt{os.getpid() % 10000}x{next(_ids)}"
+        self.tap = "tap0"
+        self.tmp = tmp
+        self.control = str(tmp / f"{self.name}.ctl")
+        self.proc: subprocess.Popen | None = None
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            args = [sys.executable, "-m", "pyhv", "--debug", "net", "serve", "--tap", self.tap,
+                    "--netns", self.name, "--control", self.control, *serve_args]
+            if configure:
+                args.append("--configure")
+            self.log = open(tmp / f"{self.name}.log", "w+")   # noqa: SIM115
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log,
+                                         text=True, cwd=ROOT, preexec_fn=preexec_fn)
+            line = self.proc.stdout.readline()
+            if "ready" not in line:
+                self.proc.wait(timeout=10)
+                self.log.seek(0)
+                raise RuntimeError(f"pyhv net serve did not start: {self.log.read()}")
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, *cmd: str, timeout: float = 120, check: bool = True,
+            **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        done = subprocess.run(["ip", "netns", "exec", self.name, *cmd], timeout=timeout, **kw)
+        if check and done.returncode:
+            raise AssertionError(f"{cmd} failed ({done.returncode}): {done.stdout}"
+                                 f"{done.stderr}")
+        return done
+
+    def client(self, *args: str, timeout: float = 120, check: bool = True) -> str:
+        """tests/helpers/net_client.py inside the namespace (with the venv's Python)."""
+        return self.run(sys.executable, str(CLIENT), *args, timeout=timeout,
+                        check=check).stdout
+
+    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
+
+    def pyhv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "pyhv", "net", *args, "--control",
+                               self.control], capture_output=True, text=True, cwd=ROOT,
+                              timeout=30)
+        if check and done.returncode:
+            raise AssertionError(f"pyhv net {args}: {done.stderr}")
+        return done
+
+    def stats(self) -> dict:
+        return json.loads(self.pyhv("stats").stdout)["stats"]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{self.name}", ignore_errors=True)
