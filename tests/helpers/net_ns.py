@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("net_client.py")
+BRIDGE = Path(__file__).with_name("net_bridge.py")
 _ids = itertools.count()
 
 
@@ -32,18 +33,24 @@ class NetNs:
     """`ip netns add` + `pyhv net serve --tap ... --netns ...` in the background."""
 
     def __init__(self, tmp: Path, *serve_args: str, configure: bool = True,
-                 preexec_fn=None):
+                 preexec_fn=None, transport: str = "tap"):
         self.name = f"pyhvt{os.getpid() % 10000}x{next(_ids)}"
         self.tap = "tap0"
         self.tmp = tmp
         self.control = str(tmp / f"{self.name}.ctl")
         self.proc: subprocess.Popen | None = None
+        self.bridge: subprocess.Popen | None = None
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         try:
-            args = [sys.executable, "-m", "pyhv", "--debug", "net", "serve", "--tap", self.tap,
-                    "--netns", self.name, "--control", self.control, *serve_args]
-            if configure:
-                args.append("--configure")
+            args = [sys.executable, "-m", "pyhv", "--debug", "net", "serve", "--control",
+                    self.control, *serve_args]
+            sock = str(tmp / f"{self.name}.sock")
+            if transport == "tap":
+                args += ["--tap", self.tap, "--netns", self.name]
+                if configure:
+                    args.append("--configure")
+            else:
+                args += [f"--{transport}", sock]
             self.log = open(tmp / f"{self.name}.log", "w+")   # noqa: SIM115
             self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log,
                                          text=True, cwd=ROOT, preexec_fn=preexec_fn)
@@ -52,9 +59,25 @@ class NetNs:
                 self.proc.wait(timeout=10)
                 self.log.seek(0)
                 raise RuntimeError(f"pyhv net serve did not start: {self.log.read()}")
+            if transport != "tap":
+                self._bridge(transport, sock)
         except BaseException:
             self.close()
             raise
+
+    def _bridge(self, transport: str, sock: str) -> None:
+        """Linux in the namespace on a TAP, its frames carried to pyhv's socket."""
+        self.bridge = subprocess.Popen([sys.executable, str(BRIDGE), transport, sock,
+                                        self.name, self.tap], stdout=subprocess.PIPE,
+                                       text=True, cwd=ROOT)
+        assert self.bridge.stdout.readline().strip() == "bridged"
+        for cmd in ("ip link set lo up", f"ip link set {self.tap} mtu 65520 up",
+                    f"ip addr add 192.168.65.2/24 dev {self.tap}",
+                    "ip route add default via 192.168.65.1"):
+            self.run(*cmd.split())
+        etc = Path("/etc/netns") / self.name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 192.168.65.1\n")
 
     def run(self, *cmd: str, timeout: float = 120, check: bool = True,
             **kw) -> subprocess.CompletedProcess:
@@ -89,6 +112,9 @@ class NetNs:
         return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.kill()
+            self.bridge.wait()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
