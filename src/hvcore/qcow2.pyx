@@ -1230,8 +1230,9 @@ cdef class Qcow2:
             rc = self.do_write(offset, &buf[0], n)
         self.check_error(rc)
 
-    cdef int do_zero(self, uint64_t off, uint64_t n) noexcept nogil:
-        """Make unit-aligned guest range read as zeroes, dropping the clusters it frees."""
+    cdef int do_zero(self, uint64_t off, uint64_t n, bint unmap) noexcept nogil:
+        """Make unit-aligned guest range read as zeroes (or, with `unmap`, fall through to
+        the backing file), dropping the clusters it frees."""
         cdef uint64_t gc, in_c, len_, e, bm, hostoff, mask, l2i
         cdef int32_t s
         while n:
@@ -1240,7 +1241,7 @@ cdef class Qcow2:
             len_ = min(n, self.cluster_size - in_c)
             if (gc >> self.l2_bits) >= self.l1_size:
                 return self.fail(E_L1_RANGE, off, 0)
-            if not self.has_backing and (self.l1[gc >> self.l2_bits] & OFF_MASK) == 0:
+            if (self.l1[gc >> self.l2_bits] & OFF_MASK) == 0 and (unmap or not self.has_backing):
                 pass            # reads as zeroes already
             else:
                 s = self.l2_get(gc >> self.l2_bits, True)
@@ -1253,7 +1254,9 @@ cdef class Qcow2:
                 if len_ == self.cluster_size:
                     if self.free_entry(e) < 0:
                         return -1
-                    if self.extended:
+                    if unmap:
+                        rc = self.set_entry(gc, 0, 0)
+                    elif self.extended:
                         rc = self.set_entry(gc, 0, ALL_ZERO)
                     else:
                         rc = self.set_entry(gc, ZEROF if self.v3 else 0, 0)
@@ -1267,6 +1270,7 @@ cdef class Qcow2:
                 else:
                     mask = ((1ULL << (len_ >> self.sc_bits)) - 1) << (in_c >> self.sc_bits)
                     if self.set_entry(gc, (hostoff | COPIED) if hostoff else 0,
+                                      (bm & ~mask & ~(mask << 32)) if unmap else
                                       (bm & ~mask) | (mask << 32)) < 0:
                         return -1
             off += len_
@@ -1285,7 +1289,18 @@ cdef class Qcow2:
         if offset % unit or (length % unit and offset + length != self.size):
             raise ValueError("zero() needs a range aligned to the zero unit")
         with nogil:
-            rc = self.do_zero(offset, length)
+            rc = self.do_zero(offset, length, False)
+        self.check_error(rc)
+
+    def unmap(self, uint64_t offset, uint64_t length):
+        """Deallocate a unit-aligned range so it reads from the backing file again."""
+        cdef int rc
+        if self.readonly:
+            raise Qcow2Error("qcow2: the image is open read-only")
+        if offset > self.size or length > self.size - offset or offset % self.zero_unit:
+            raise ValueError("unmap() needs an aligned range inside the disk")
+        with nogil:
+            rc = self.do_zero(offset, length, True)
         self.check_error(rc)
 
     @property
@@ -1649,7 +1664,8 @@ cdef class Qcow2:
                         else:
                             leaks += 1
                             msgs.append(f"Leaked cluster {c} refcount={stored} reference=0")
-            if fix == 2:
+            if fix == 2 and not (fixed_leaks or fixed_errors):
+                # flags follow refcounts: fixed on a pass that found the refcounts right
                 for i, j, want in copied_fix:
                     if j < 0:
                         self.l1[i] = (self.l1[i] | COPIED) if want else (self.l1[i] & ~COPIED)
@@ -1664,7 +1680,6 @@ cdef class Qcow2:
                         self.l2_dirty[s] = 1
                     corruptions -= 1
                     fixed_errors += 1
-                corruptions -= 0
             if fix and (fixed_leaks or fixed_errors):
                 rc = self.do_flush()
                 self.check_error(rc)

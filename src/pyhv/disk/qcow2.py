@@ -159,7 +159,14 @@ class Qcow2Disk:
             tables += [(s.l1_table_offset, s.l1_size, False) for s in self.snapshots]
         if fix and self.readonly:
             raise DiskError(f"{self.path}: cannot repair an image opened read-only")
-        return self.core.check(tables, fixed, fix)
+        result = self.core.check(tables, fixed, fix)
+        if fix == 2 and (result["fixed_leaks"] or result["fixed_corruptions"]):
+            again = self.core.check(tables, fixed, fix)     # OFLAG_COPIED after refcounts
+            for key in ("fixed_leaks", "fixed_corruptions"):
+                again[key] += result[key]
+            again["messages"] = result["messages"] + again["messages"]
+            result = again
+        return result
 
     def rebuild_refcounts(self) -> None:
         """An image left dirty by lazy refcounts: recount every reference, then clear the
