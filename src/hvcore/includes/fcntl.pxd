@@ -1,0 +1,10 @@
+# C declarations from <fcntl.h> (_GNU_SOURCE): the *at calls and fallocate modes the file
+# server needs and Python's os module lacks.
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        AT_EMPTY_PATH
+        AT_SYMLINK_NOFOLLOW
+        O_NOFOLLOW
+    int openat(int dirfd, const char *path, int flags, ...)
+    int fchownat(int dirfd, const char *path, unsigned int uid, unsigned int gid, int flags)
+    int fallocate(int fd, int mode, long offset, long length)

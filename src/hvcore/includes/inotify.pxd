@@ -1,0 +1,11 @@
+# C declarations from <sys/inotify.h>: the event record the host watch decodes.
+from libc.stdint cimport uint32_t, int32_t
+
+
+cdef extern from "<sys/inotify.h>" nogil:
+    struct inotify_event:
+        int32_t wd
+        uint32_t mask
+        uint32_t cookie
+        uint32_t len
+        char name[1]

@@ -1,0 +1,226 @@
+"""The /dev/fuse transport: mount, a pool of reader threads on cloned descriptors, unmount.
+
+Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE, reads one request, hands the
+buffer to `FuseServer.handle`, and writes the reply with one writev. When every reader but
+one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so one slow
+request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
+unmount). Root mounts with mount(2); a normal user goes through fusermount3.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+from hvcore import fuseproto as fp
+from pyhv.errors import PyhvError
+
+log = logging.getLogger("pyhv.share")
+
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+# Errors a reply write may meet that only mean "nobody waits for this reply any more".
+GONE = (errno.ENOENT, errno.EINTR)
+
+
+def _connection(mountpoint: str) -> str | None:
+    """/sys/fs/fuse/connections/<minor> of the newest mount at `mountpoint` (mountinfo)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                found = fields[2].split(":")[1]
+    return f"/sys/fs/fuse/connections/{found}" if found else None
+
+
+class DevFuse:
+    def __init__(self, server, mountpoint: str, *, readonly: bool = False,
+                 allow_devices: bool = False, max_threads: int = 16, fsname: str = "pyhv"):
+        self.server = server
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.readonly = readonly
+        self.allow_devices = allow_devices
+        self.max_threads = max_threads
+        self.fsname = fsname
+        self.bufsize = max(server.opts.max_write + 4096, fp.MIN_READ_BUFFER)
+        self.fd = -1
+        self.conn = None               # /sys/fs/fuse/connections/<N>
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    # --- mount / unmount ---------------------------------------------------------------------
+
+    def _options(self) -> str:
+        opts = ["default_permissions"]
+        if os.geteuid() == 0:
+            opts.append("allow_other")
+        return ",".join(opts)
+
+    def mount(self) -> None:
+        if not os.path.isdir(self.mountpoint):
+            raise PyhvError(f"mount point {self.mountpoint} is not a directory")
+        if os.geteuid() == 0:
+            self._mount_root()
+        else:
+            self._mount_fusermount()
+        self.conn = _connection(self.mountpoint)   # never stat the mount before INIT
+        self.server.notify = self.send
+
+    def _mount_root(self) -> None:
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        data = (f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,{self._options()}")
+        flags = MS_NOSUID | (0 if self.allow_devices else MS_NODEV)
+        flags |= MS_RDONLY if self.readonly else 0
+        rc = _libc.mount(self.fsname.encode(), self.mountpoint.encode(), b"fuse.pyhv", flags,
+                         data.encode())
+        if rc != 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            self.fd = -1
+            raise PyhvError(f"mount {self.mountpoint}: {os.strerror(err)}")
+
+    def _mount_fusermount(self) -> None:
+        tool = shutil.which("fusermount3")
+        if tool is None:
+            raise PyhvError("fusermount3 not found (install the fuse3 package), or run as root")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        opts = self._options() + f",fsname={self.fsname},subtype=pyhv"
+        opts += ",ro" if self.readonly else ""
+        with ours, theirs:
+            proc = subprocess.Popen(
+                [tool, "-o", opts, "--", self.mountpoint], pass_fds=(theirs.fileno(),),
+                env=dict(os.environ, _FUSE_COMMFD=str(theirs.fileno())),
+                stderr=subprocess.PIPE, text=True)
+            theirs.close()
+            _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+            _out, err = proc.communicate()
+        if proc.returncode != 0 or not fds:
+            raise PyhvError(f"fusermount3: {err.strip() or 'no /dev/fuse descriptor'}")
+        self.fd = fds[0]
+        os.set_inheritable(self.fd, False)
+
+    def unmount(self) -> None:
+        """Lazy unmount: the kernel ends the connection once the mount is no longer busy."""
+        self._stopping = True
+        if os.geteuid() == 0:
+            if _libc.umount2(self.mountpoint.encode(), MNT_DETACH) != 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EINVAL, errno.ENOENT):
+                    log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", "--", self.mountpoint],
+                           capture_output=True)
+
+    def abort(self) -> None:
+        """End the connection now (pending requests fail with ECONNABORTED)."""
+        if self.conn and not os.path.isdir(self.conn) and os.geteuid() == 0:
+            _libc.mount(b"fusectl", b"/sys/fs/fuse/connections", b"fusectl", 0, None)
+        if self.conn:
+            try:
+                with open(f"{self.conn}/abort", "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+
+    # --- serving -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn(self.fd)
+
+    def _clone(self) -> int:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        fcntl.ioctl(fd, fp.DEV_IOC_CLONE, struct.pack("I", self.fd))
+        return fd
+
+    def _spawn(self, fd: int | None = None) -> None:
+        with self._lock:
+            if len(self._threads) >= self.max_threads or self._stopping:
+                return
+            self._idle += 1
+            t = threading.Thread(target=self._reader, args=(fd,), daemon=True,
+                                 name=f"fuse-reader-{len(self._threads)}")
+            self._threads.append(t)
+        t.start()
+
+    def _reader(self, fd: int | None) -> None:
+        own = fd is None
+        try:
+            if own:
+                fd = self._clone()
+        except OSError as e:
+            log.warning("cannot clone /dev/fuse: %s", e)
+            with self._lock:
+                self._idle -= 1
+            return
+        buf = bytearray(self.bufsize)
+        view = memoryview(buf)
+        handle = self.server.handle
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                        continue
+                    if e.errno != errno.ENODEV:
+                        log.warning("read /dev/fuse: %s", e)
+                    return
+                if n == 0:
+                    return
+                with self._lock:
+                    self._idle -= 1
+                    grow = self._idle == 0
+                if grow:
+                    self._spawn()
+                replies = handle(view[:n])
+                if replies:
+                    try:
+                        os.writev(fd, replies)
+                    except OSError as e:
+                        if e.errno not in GONE:
+                            log.warning("reply: %s", e)
+                with self._lock:
+                    self._idle += 1
+        finally:
+            view.release()
+            if own:
+                os.close(fd)
+
+    def send(self, buffers: list) -> None:
+        """Unsolicited notification (cache invalidation) to the kernel."""
+        try:
+            os.writev(self.fd, buffers)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN):
+                log.debug("notify: %s", e)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every reader has ended (the mount is gone); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                alive = [t for t in self._threads if t.is_alive()]
+            if not alive:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            alive[0].join(0.2 if left is None else min(left, 0.2))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,47 @@
+"""Share options and the cache policy each `--cache` mode stands for (as virtiofsd documents:
+never = no client caching, auto = NFS-like 1 s metadata timeout and close-to-open data,
+always = long timeouts and data kept across opens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hvcore import fuseproto as fp
+from pyhv.share.idmap import IdMap
+
+CACHE_MODES = ("never", "auto", "always")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    entry_timeout: float
+    attr_timeout: float
+    open_flags: int        # FOPEN_* for files
+    dir_open_flags: int    # FOPEN_* for directories
+    watch: bool            # host changes are pushed to the client (inotify)
+
+    @classmethod
+    def for_mode(cls, mode: str) -> CachePolicy:
+        if mode == "never":
+            return cls(0.0, 0.0, fp.FOPEN["DIRECT_IO"], 0, False)
+        if mode == "auto":
+            return cls(1.0, 1.0, 0, 0, True)
+        if mode == "always":
+            return cls(86400.0, 86400.0, fp.FOPEN["KEEP_CACHE"],
+                       fp.FOPEN["KEEP_CACHE"] | fp.FOPEN["CACHE_DIR"], True)
+        raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+
+
+@dataclass
+class ShareOptions:
+    root: str
+    cache: str = "auto"
+    readonly: bool = False
+    writeback: bool = False          # FUSE_WRITEBACK_CACHE (the kernel batches writes)
+    allow_devices: bool = False      # MKNOD of block/char devices
+    idmap: IdMap = field(default_factory=IdMap)
+    max_write: int = 1 << 20
+    policy: CachePolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = CachePolicy.for_mode(self.cache)

@@ -1,0 +1,170 @@
+"""The FUSE request handler: one request buffer in, reply buffers out (see the package
+docstring for the transport interface). Protocol-level requests (INIT, DESTROY, FORGET,
+INTERRUPT) live here; the file system operations come from the mixins in meta / data /
+locks, each a method `_op(unique, nodeid, args, ctx) -> list` looked up by opcode."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from hvcore import fuseproto as fp
+from pyhv.share.data import DataOps
+from pyhv.share.inodes import Inode, InodeTable
+from pyhv.share.locks import LockOps
+from pyhv.share.meta import MetaOps
+from pyhv.share.options import ShareOptions
+
+log = logging.getLogger("pyhv.share")
+
+MIN_MINOR = 31
+F = fp.INIT_FLAGS
+# What pyhv offers; the reply carries the intersection with what the kernel offers.
+OFFERED = (F["ASYNC_READ"] | F["POSIX_LOCKS"] | F["ATOMIC_O_TRUNC"] | F["BIG_WRITES"]
+           | F["FLOCK_LOCKS"] | F["DO_READDIRPLUS"] | F["READDIRPLUS_AUTO"] | F["ASYNC_DIO"]
+           | F["PARALLEL_DIROPS"] | F["MAX_PAGES"] | F["HANDLE_KILLPRIV_V2"]
+           | F["CACHE_SYMLINKS"])
+# Requests that change the share: refused with EROFS on a read-only share.
+MODIFYING = frozenset({fp.SETATTR, fp.SYMLINK, fp.MKNOD, fp.MKDIR, fp.UNLINK, fp.RMDIR,
+                       fp.RENAME, fp.RENAME2, fp.LINK, fp.WRITE, fp.CREATE, fp.SETXATTR,
+                       fp.REMOVEXATTR, fp.FALLOCATE, fp.COPY_FILE_RANGE})
+
+
+class Handle:
+    """An open file or directory: a real descriptor (not O_PATH) and the inode it is on."""
+
+    __slots__ = ("fd", "inode", "lock")
+
+    def __init__(self, fd: int, inode: Inode, locked: bool = False):
+        self.fd = fd
+        self.inode = inode
+        self.lock = threading.Lock() if locked else None
+
+
+class FuseServer(MetaOps, DataOps, LockOps):
+    """Passthrough file server for one host directory. Thread-safe `handle()`."""
+
+    def __init__(self, options: ShareOptions):
+        self.opts = options
+        self.policy = options.policy
+        self.idmap = options.idmap
+        self.inodes = InodeTable(options.root)
+        self.handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
+        self.negotiated = 0
+        self.proto_minor = 0
+        self.notify: Callable[[list], None] | None = None
+        self.stats_errors = 0
+        self._ops: dict[int, Callable] = {}
+        for name in dir(self):
+            if name.startswith("_op_"):
+                code = getattr(fp, name[4:].upper())
+                self._ops[code] = getattr(self, name)
+
+    # --- the transport interface -------------------------------------------------------------
+
+    def handle(self, buf) -> list:
+        """Serve one request; returns the reply buffers ([] when there is no reply)."""
+        try:
+            opcode, unique, nodeid, uid, gid, pid, args = fp.decode(buf)
+        except fp.ProtocolError as e:
+            self.stats_errors += 1
+            log.warning("bad request: %s", e.strerror)
+            return [fp.error_reply(e.unique, e.errno)] if e.unique else []
+        except (TypeError, ValueError, BufferError) as e:
+            log.warning("bad request buffer: %s", e)
+            return []
+        op = self._ops.get(opcode)
+        if op is None or args is None:
+            return [fp.error_reply(unique, errno.ENOSYS)]
+        if not self.proto_minor and opcode != fp.INIT:
+            return [fp.error_reply(unique, errno.EIO)]
+        if self.opts.readonly and opcode in MODIFYING:
+            return [fp.error_reply(unique, errno.EROFS)]
+        try:
+            return op(unique, nodeid, args, (uid, gid, pid))
+        except OSError as e:
+            return [fp.error_reply(unique, e.errno or errno.EIO)]
+        except (OverflowError, ValueError) as e:       # absurd sizes / offsets
+            log.warning("request %d (opcode %d): %s", unique, opcode, e)
+            return [fp.error_reply(unique, errno.EINVAL)]
+        except Exception:
+            log.exception("request %d (opcode %d) failed", unique, opcode)
+            return [fp.error_reply(unique, errno.EIO)]
+
+    def close(self) -> None:
+        for h in list(self.handles.values()):
+            os.close(h.fd)
+        self.handles.clear()
+        self.inodes.close()
+
+    # --- helpers the operation mixins share ------------------------------------------------
+
+    def _new_handle(self, fd: int, inode: Inode, locked: bool = False) -> int:
+        fh = next(self._fh)
+        self.handles[fh] = Handle(fd, inode, locked)
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, f"unknown file handle {fh}") from None
+
+    def _ids_out(self, s: fp.Stat, ctx: tuple) -> tuple[int, int]:
+        if self.idmap.identity:
+            return s.uid, s.gid
+        return self.idmap.uid.to_guest(s.uid, ctx[0]), self.idmap.gid.to_guest(s.gid, ctx[1])
+
+    def _entry(self, unique: int, node: Inode, s: fp.Stat, ctx: tuple) -> list:
+        uid, gid = self._ids_out(s, ctx)
+        p = self.policy
+        return [fp.entry_reply(unique, node.nodeid, 0, s, uid, gid, p.entry_timeout,
+                               p.attr_timeout)]
+
+    def _attr(self, unique: int, s: fp.Stat, ctx: tuple) -> list:
+        uid, gid = self._ids_out(s, ctx)
+        return [fp.attr_reply(unique, s, uid, gid, self.policy.attr_timeout)]
+
+    # --- protocol-level requests -------------------------------------------------------------
+
+    def _op_init(self, unique, nodeid, args, ctx):
+        major, minor, max_readahead, flags = args
+        if major != 7:
+            return [fp.error_reply(unique, errno.EPROTO)]
+        if minor < MIN_MINOR:
+            log.error("kernel FUSE protocol 7.%d is older than 7.%d", minor, MIN_MINOR)
+            return [fp.error_reply(unique, errno.EPROTO)]
+        want = OFFERED
+        if self.opts.writeback and not self.opts.readonly:
+            want |= F["WRITEBACK_CACHE"]
+        if self.opts.cache == "auto":
+            want |= F["AUTO_INVAL_DATA"]
+        self.negotiated = flags & want
+        self.proto_minor = min(minor, fp.KERNEL_MINOR)
+        max_pages = self.opts.max_write // 4096
+        return [fp.init_reply(unique, self.proto_minor, max_readahead, self.negotiated,
+                              64, 48, self.opts.max_write, 1, max_pages)]
+
+    def _op_destroy(self, unique, nodeid, args, ctx):
+        return [fp.error_reply(unique, 0)]
+
+    def _op_forget(self, unique, nodeid, args, ctx):
+        self.inodes.forget(nodeid, args[0])
+        return []
+
+    def _op_batch_forget(self, unique, nodeid, args, ctx):
+        for node, count in args[0]:
+            self.inodes.forget(node, count)
+        return []
+
+    def _op_interrupt(self, unique, nodeid, args, ctx):
+        event = self._waiting.get(args[0])
+        if event is not None:
+            event.set()
+        return []

@@ -1,0 +1,119 @@
+"""Host changes reach the client: inotify watches on the directories the client has looked
+up, turned into FUSE notifications (cache modes auto and always).
+
+A name created, deleted or moved in a watched directory -> INVAL_ENTRY (the client drops the
+cached name, so the next access looks it up again); a file's data or attributes changed ->
+INVAL_INODE (cached attributes and pages dropped). Events are read by one thread, coalesced
+per read, and sent from that thread, never from inside a request (a notification about a
+directory whose lock a request holds would deadlock).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import threading
+
+from hvcore import fuseproto as fp
+
+log = logging.getLogger("pyhv.share")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW = 0x400, 0x800, 0x8000, 0x4000
+IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x1000000, 0x2000000, 0x4000000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+NAME_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
+DATA_EVENTS = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
+MASK = NAME_EVENTS | DATA_EVENTS | IN_ONLYDIR | IN_EXCL_UNLINK
+
+
+class HostWatch:
+    def __init__(self, server):
+        self.server = server
+        self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self._wds: dict[int, object] = {}        # wd -> directory Inode
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="host-watch")
+        self._warned = False
+        server.inodes.on_new_dir = self.add
+        server.inodes.on_drop = self.remove
+        self.add(server.inodes.root)
+
+    def add(self, node) -> None:
+        wd = _libc.inotify_add_watch(self.fd, node.proc_path.encode(), MASK)
+        if wd < 0:
+            if not self._warned:
+                self._warned = True
+                log.warning("host watch: %s (some host changes show after the cache timeout)",
+                            os.strerror(ctypes.get_errno()))
+            return
+        node.wd = wd
+        with self._lock:
+            self._wds[wd] = node
+
+    def remove(self, node) -> None:
+        if node.wd < 0:
+            return
+        with self._lock:
+            if self._wds.get(node.wd) is node:
+                del self._wds[node.wd]
+                _libc.inotify_rm_watch(self.fd, node.wd)
+        node.wd = -1
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            os.close(fd)
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    continue
+                log.warning("host watch: %s", e)
+                return
+            self._dispatch(fp.inotify_events(data))
+
+    def _dispatch(self, events: list) -> None:
+        entries: set[tuple[int, bytes]] = set()
+        inodes: set[int] = set()
+        for wd, mask, _cookie, name in events:
+            with self._lock:
+                parent = self._wds.get(wd)
+            if parent is None or not name:
+                continue
+            if mask & NAME_EVENTS:
+                entries.add((parent.nodeid, name))
+            if mask & (DATA_EVENTS | IN_MOVED_TO | IN_CREATE):
+                try:
+                    s = fp.lstat_at(parent.fd, name)
+                except OSError:
+                    continue
+                node = self.server.inodes.find(s.dev, s.ino)
+                if node is not None:
+                    inodes.add(node.nodeid)
+        notify = self.server.notify
+        if notify is None:
+            return
+        for parent, name in entries:
+            notify([fp.notify_inval_entry(parent, name)])
+        for nodeid in inodes:
+            notify([fp.notify_inval_inode(nodeid, 0, 0)])
