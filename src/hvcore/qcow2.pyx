@@ -21,7 +21,7 @@ from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
-from posix.unistd cimport fdatasync, pread, pwrite
+from posix.unistd cimport fdatasync, ftruncate, pread, pwrite
 
 from hvcore.includes.endian cimport (be16toh, be32toh, be64toh, htobe16, htobe32,
                                      htobe64)
@@ -1173,7 +1173,16 @@ cdef class Qcow2:
                 if new < 0:
                     return -1
                 host = <uint64_t>new
-            if self.cow_write(gbase, 0, self.cluster_size, host, in_c, buf, n) < 0:
+            if not reuse and host >= self.file_end and (off == 0 or (e & ZEROF)) and \
+                    not (e & COMPRESSED) and (not self.has_backing or gbase >= self.backing_size):
+                # a fresh cluster past the end of the file already reads as zeroes: write
+                # only the new bytes and extend the file over the rest (no zero COW)
+                if self.queue_pw(host + in_c, buf, n) < 0:
+                    return -1
+                if ftruncate(self.fd, host + self.cluster_size) < 0:
+                    return self.fail(E_IO, errno, host)
+                self.file_end = host + self.cluster_size
+            elif self.cow_write(gbase, 0, self.cluster_size, host, in_c, buf, n) < 0:
                 return -1
             if not reuse and self.free_entry(e) < 0:
                 return -1
