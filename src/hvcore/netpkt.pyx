@@ -413,6 +413,22 @@ cdef class Builder:
         put32(a + 24, tpa)
         return out
 
+    def arp_request(self, uint32_t tpa, uint32_t spa) -> bytearray:
+        """Broadcast ARP request from the gateway's MAC: who has `tpa`? (tell `spa`)."""
+        cdef uint8_t *a
+        cdef bytearray out = self._frame(28, 0x0806, &a)
+        putmac(a - ETH, 0xffffffffffff)
+        put16(a, 1)
+        put16(a + 2, 0x0800)
+        a[4] = 6
+        a[5] = 4
+        put16(a + 6, 1)
+        putmac(a + 8, self.gateway_mac)
+        put32(a + 14, spa)
+        putmac(a + 18, 0)
+        put32(a + 24, tpa)
+        return out
+
     def udp(self, uint32_t src, int sport, uint32_t dst, int dport, payload) -> bytearray:
         """A UDP datagram in one frame (callers keep it within the MTU)."""
         cdef const uint8_t[::1] b = memoryview(payload).cast("B")

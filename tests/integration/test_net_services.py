@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.net_ns import ROOT, NetNs, netns_reason
+from tests.helpers.net_ns import CLIENT, ROOT, NetNs, netns_reason
 
 GW, ALIAS = "192.168.65.1", "192.168.65.254"
 
@@ -188,3 +188,21 @@ def test_qemu_guest_over_stream():
     pytest.skip("needs the default guest from issue 6 (kernel + initramfs with udhcpc/wget); "
                 "the stream transport is tested with Linux's stack via a TAP bridge above")
 
+
+
+def test_forward_before_the_guest_sent_anything(make_ns):
+    """A forward's SYN can be the first frame: pyhv ARPs for the guest's MAC first."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    hp = port.getsockname()[1]
+    port.close()
+    ns = make_ns("-p", f"{hp}:8000")
+    server = ns.popen(sys.executable, str(CLIENT), "serve_peer", "8000",
+                      stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        with socket.create_connection(("127.0.0.1", hp), timeout=30) as c:
+            assert c.makefile("rb").readline().strip() == GW.encode()
+    finally:
+        server.kill()
+        server.wait()

@@ -14,6 +14,7 @@ from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
 
 BROADCAST_MAC = 0xFFFFFFFFFFFF
+HELD_MAX = 64
 
 
 class Stack:
@@ -37,6 +38,8 @@ class Stack:
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
         self.ack_pending: set = set()
+        self.held: list = []            # frames waiting for the guest's MAC (bounded)
+        self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
         self.dns_tcp_addr: tuple[str, int] | None = None  # and its TCP listener
 
@@ -93,6 +96,12 @@ class Stack:
     def learn(self, pkt) -> None:
         if pkt.mac_src != self.builder.guest_mac and not pkt.mac_src & (1 << 40):
             self.builder.guest_mac = pkt.mac_src
+            if self.held:
+                held, self.held = self.held, []
+                mac, at = pkt.mac_src.to_bytes(6, "big"), 10 if self.vnet else 0
+                for frame in held:
+                    frame[at:at + 6] = mac
+                self.send(held)
 
     def arp(self, pkt) -> None:
         """Answer requests for every address except the guests' own (the guest can reach
@@ -127,9 +136,25 @@ class Stack:
     # ---- output
 
     def send(self, frames: list) -> None:
+        if self.builder.guest_mac == BROADCAST_MAC:
+            self._hold(frames)
+            return
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
         self.port.send(frames)
+
+    def _hold(self, frames: list) -> None:
+        """No frame from the guest yet, so no MAC to send to (a forward's SYN can come
+        first): keep a few frames, and ask with ARP for the guest's address."""
+        room = HELD_MAX - len(self.held)
+        self.held.extend(f for f in frames[:room] if f[12 + (10 if self.vnet else 0)] != 8
+                         or f[13 + (10 if self.vnet else 0)] != 6)
+        if len(frames) > room:
+            self.counters["dropped: no guest MAC yet"] += len(frames) - room
+        now = self.loop.time() if self.loop is not None else 0.0
+        if now - self.last_arp > 0.2:
+            self.last_arp = now
+            self.port.send([self.builder.arp_request(self.cfg.guest, self.cfg.gw)])
 
     def unreachable(self, pkt_head: bytes, code: int) -> None:
         """ICMP destination unreachable (code 0 net, 1 host, 3 port) quoting `pkt_head`,
