@@ -34,6 +34,8 @@ class DataOps:
         node = self.inodes.get(nodeid)
         if node.is_dir:
             raise OSError(errno.EISDIR, "open of a directory")
+        if node.is_symlink:
+            raise OSError(errno.ELOOP, "open of a symlink")     # never followed here
         fd = os.open(node.proc_path, self._open_flags(flags))
         try:
             if open_flags & fp.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:

@@ -35,6 +35,8 @@ class LockOps:
         fd = node.lock_fds.get(owner)
         if fd is not None:
             return fd
+        if node.is_symlink or node.is_dir:
+            raise OSError(errno.EINVAL, "POSIX lock on a symlink or directory")
         try:
             fd = os.open(node.proc_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:

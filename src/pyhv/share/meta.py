@@ -59,6 +59,8 @@ class MetaOps:
         if valid & FA["SIZE"]:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "truncate of a directory")
+            if node.is_symlink:
+                raise OSError(errno.EINVAL, "truncate of a symlink")
             os.truncate(fd if fd is not None else path, size)
             if valid & FA["KILL_SUIDGID"]:
                 kill_suidgid(fd if fd is not None else path)

@@ -1,0 +1,199 @@
+"""FuseServer.handle fed raw requests (no kernel): malformed input gets an error reply and
+the server keeps serving; nothing outside the shared directory is ever reached."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hvcore import fuseproto as fp
+from pyhv.share.options import ShareOptions
+from pyhv.share.server import FuseServer
+from tests.helpers.share_proto import IN_HEADER, init_request, nodeid_of, reply, request
+
+OPEN_IN = struct.Struct("=II")
+READ_IN = struct.Struct("=QQIIQII")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """share/ with a file, a dir, symlinks pointing out; outside/ next to it holds a secret."""
+    share, outside = tmp_path / "share", tmp_path / "outside"
+    share.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("SECRET")
+    (share / "file").write_text("inside")
+    (share / "dir").mkdir()
+    os.symlink(str(outside / "secret"), share / "abs-link")
+    os.symlink("../outside/secret", share / "rel-link")
+    os.symlink("../outside", share / "dir-link")
+    return share, outside
+
+
+@pytest.fixture
+def server(tree):
+    s = FuseServer(ShareOptions(str(tree[0])))
+    err, _, _ = reply(s.handle(init_request()))
+    assert err == 0
+    yield s
+    s.close()
+
+
+def call(server, opcode, body=b"", nodeid=1, **kw):
+    return reply(server.handle(request(opcode, body, nodeid=nodeid, **kw)))
+
+
+def lookup(server, name: bytes, parent=1):
+    err, _, payload = call(server, fp.LOOKUP, name + b"\0", nodeid=parent)
+    return err, (nodeid_of(payload) if err == 0 else None)
+
+
+def read_file(server, nodeid) -> tuple[int, bytes]:
+    err, _, payload = call(server, fp.OPEN, OPEN_IN.pack(os.O_RDONLY, 0), nodeid=nodeid)
+    if err:
+        return err, b""
+    fh = struct.unpack_from("=Q", payload)[0]
+    err, _, data = call(server, fp.READ, READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0), nodeid=nodeid)
+    return err, data
+
+
+def test_requests_before_init_fail(tree):
+    s = FuseServer(ShareOptions(str(tree[0])))
+    assert reply(s.handle(request(fp.GETATTR, bytes(16))))[0] == -errno.EIO
+    s.close()
+
+
+def test_init_refuses_old_protocols(tree):
+    s = FuseServer(ShareOptions(str(tree[0])))
+    assert reply(s.handle(init_request(minor=30)))[0] == -errno.EPROTO
+    s.close()
+
+
+@pytest.mark.parametrize("buf, expect", [
+    (b"", None), (b"\x01" * 10, None),
+    (request(fp.GETATTR, bytes(16), length=5000), -errno.EINVAL),
+    (request(9999), -errno.ENOSYS), (request(37, bytes(16)), -errno.ENOSYS),   # BMAP
+    (request(fp.LOOKUP, b"a/b\0"), -errno.EINVAL), (request(fp.LOOKUP, b"ab"), -errno.EINVAL),
+    (request(fp.LOOKUP, b"a\0b\0"), -errno.ENOENT),     # the name ends at the first NUL
+    (request(fp.LOOKUP, b"x" * 300 + b"\0"), -errno.ENAMETOOLONG),
+    (request(fp.GETATTR, bytes(16), nodeid=12345), -errno.ESTALE),
+    (request(fp.READ, READ_IN.pack(999, 0, 10, 0, 0, 0, 0)), -errno.EBADF),
+    (request(fp.MKDIR, struct.pack("=II", 0o755, 0) + b"..\0"), -errno.EINVAL),
+    (request(fp.SETXATTR, struct.pack("=II", 1 << 20, 0) + b"user.x\0"), -errno.E2BIG),
+    (request(fp.WRITE, READ_IN.pack(1, 0, 1 << 30, 0, 0, 0, 0) + b"abc"), -errno.EINVAL),
+    (request(fp.BATCH_FORGET, struct.pack("=II", 0xFFFFFFFF, 0)), -errno.EINVAL),
+])
+def test_bad_requests_get_error_replies(server, buf, expect):
+    out = server.handle(buf)
+    if expect is None:
+        assert out == []
+    else:
+        assert reply(out)[0] == expect
+    assert reply(server.handle(request(fp.GETATTR, bytes(16))))[0] == 0   # still serving
+
+
+def test_absurd_sizes_and_offsets(server):
+    _, nodeid = lookup(server, b"file")
+    err, _, payload = call(server, fp.OPEN, OPEN_IN.pack(os.O_RDWR, 0), nodeid=nodeid)
+    fh = struct.unpack_from("=Q", payload)[0]
+    for size, offset in ((0xFFFFFFFF, 0), (10, 1 << 64 - 1), (10, (1 << 63) + 5)):
+        err, _, _ = call(server, fp.READ, READ_IN.pack(fh, offset, size, 0, 0, 0, 0),
+                         nodeid=nodeid)
+        assert err == -errno.EINVAL
+    body = READ_IN.pack(fh, (1 << 64) - 2, 3, 0, 0, 0, 0) + b"abc"
+    assert call(server, fp.WRITE, body, nodeid=nodeid)[0] == -errno.EFBIG
+    lseek = struct.pack("=QQII", fh, (1 << 64) - 1, 3, 0)
+    assert call(server, fp.LSEEK, lseek, nodeid=nodeid)[0] == -errno.ENXIO
+    falloc = struct.pack("=QQQII", fh, 1 << 63, 1 << 63, 0, 0)
+    assert call(server, fp.FALLOCATE, falloc, nodeid=nodeid)[0] == -errno.EINVAL
+
+
+def test_dotdot_at_root_stays_at_root(server):
+    assert lookup(server, b"..") == (0, 1)
+    _, d = lookup(server, b"dir")
+    assert lookup(server, b"..", parent=d) == (0, 1)
+    assert lookup(server, b".", parent=d) == (0, d)
+
+
+def test_symlinks_are_returned_never_followed(server, tree):
+    for name in (b"abs-link", b"rel-link"):
+        err, node = lookup(server, name)
+        assert err == 0
+        err, _, target = call(server, fp.READLINK, nodeid=node)
+        assert err == 0 and target == os.readlink(tree[0] / name.decode()).encode()
+        assert read_file(server, node) == (-errno.ELOOP, b"")
+        attr_body = struct.pack("=IIQQQQQQQIIIIIIII", fp.FATTR["SIZE"], 0, 0, 0, 0, 0, 0, 0,
+                                0, 0, 0, 0, 0, 0, 0, 0, 0)
+        assert call(server, fp.SETATTR, attr_body, nodeid=node)[0] == -errno.EINVAL
+    _, dirlink = lookup(server, b"dir-link")
+    assert lookup(server, b"secret", parent=dirlink)[0] == -errno.ENOTDIR
+    mk = struct.pack("=II", 0o755, 0) + b"created\0"
+    assert call(server, fp.MKDIR, mk, nodeid=dirlink)[0] != 0
+    assert call(server, fp.OPENDIR, OPEN_IN.pack(0, 0), nodeid=dirlink)[0] != 0
+    assert sorted(os.listdir(tree[1])) == ["secret"]
+
+
+def test_create_through_a_dangling_or_outward_symlink_fails(server, tree):
+    os.symlink(str(tree[1] / "new-file"), tree[0] / "dangling")
+    create = struct.pack("=IIII", os.O_WRONLY | os.O_CREAT, 0o644, 0, 0) + b"dangling\0"
+    assert call(server, fp.CREATE, create)[0] == -errno.ELOOP
+    assert not (tree[1] / "new-file").exists()
+
+
+def test_hard_link_of_a_symlink_links_the_symlink(server, tree):
+    _, node = lookup(server, b"abs-link")
+    assert call(server, fp.LINK, struct.pack("=Q", node) + b"copy\0")[0] == 0
+    assert os.path.islink(tree[0] / "copy")
+    assert os.stat(tree[1] / "secret").st_nlink == 1
+
+
+def test_link_from_unknown_nodeid_is_refused(server, tree):
+    assert call(server, fp.LINK, struct.pack("=Q", 999) + b"x\0")[0] == -errno.ESTALE
+
+
+def test_forget_drops_descriptors(server):
+    before = len(os.listdir("/proc/self/fd"))
+    err, node = lookup(server, b"file")
+    lookup(server, b"file")
+    assert server.handle(request(fp.FORGET, struct.pack("=Q", 2), nodeid=node)) == []
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert call(server, fp.GETATTR, bytes(16), nodeid=node)[0] == -errno.ESTALE
+
+
+def test_readonly_share_refuses_changes(tree):
+    s = FuseServer(ShareOptions(str(tree[0]), readonly=True))
+    reply(s.handle(init_request()))
+    mk = struct.pack("=II", 0o755, 0) + b"new\0"
+    assert reply(s.handle(request(fp.MKDIR, mk)))[0] == -errno.EROFS
+    _, node = lookup(s, b"file")
+    err, _, _ = reply(s.handle(request(fp.OPEN, OPEN_IN.pack(os.O_WRONLY, 0), nodeid=node)))
+    assert err == -errno.EROFS
+    assert read_file(s, node) == (0, b"inside")
+    s.close()
+
+
+def test_device_nodes_need_allow_devices(server, tree):
+    mknod = struct.pack("=IIII", 0o20644, (1 << 8) | 3, 0, 0) + b"null\0"   # char 1:3
+    assert call(server, fp.MKNOD, mknod)[0] == -errno.EPERM
+    assert not (tree[0] / "null").exists()
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.sampled_from(sorted(set(range(1, 52)) - {fp.INIT, fp.DESTROY})),
+       nodeid=st.sampled_from([1, 2, 3, 0, 2**64 - 1]), body=st.binary(max_size=120))
+def test_random_requests_never_crash_or_escape(server, tree, opcode, nodeid, body):
+    buf = IN_HEADER.pack(IN_HEADER.size + len(body), opcode, 77, nodeid, 0, 0, 1, 0, 0) + body
+    out = server.handle(buf)
+    if out:
+        err, unique, _ = reply(out)
+        assert unique == 77 and err <= 0
+    assert sorted(os.listdir(tree[1])) == ["secret"]
+    assert (tree[1] / "secret").read_text() == "SECRET"
+    assert Path(tree[1]).stat().st_nlink == 2
