@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boot a bzImage through its own decompressor instead of "
                           "extracting the vmlinux on the host")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+    run.add_argument("--network", choices=["user", "none"], default="user",
+                     help="user: pyhv's user-mode network (DHCP, DNS, host sockets; "
+                          "default), none: no network device")
+    run.add_argument("-p", "--publish", action="append", default=[],
+                     metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+                     help="publish a guest port on the host (127.0.0.1 unless HOSTIP)")
     run.add_argument("argv", nargs="*", metavar="COMMAND",
                      help="command and arguments to run in the guest (after --)")
 

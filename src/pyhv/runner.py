@@ -49,6 +49,13 @@ def prepare(args) -> RunSpec:
     from pyhv.machine.mptable import MAX_CPUS
 
     validate_memory(args.memory)
+    if args.publish and args.network == "none":
+        raise PyhvError("-p needs a network: it cannot be used with --network none")
+    if args.publish:
+        from pyhv.net.config import parse_forward
+
+        for spec in args.publish:
+            parse_forward(spec)         # a bad -p is reported before anything starts
     if args.cpus > MAX_CPUS:
         raise PyhvError(f"--cpus must be between 1 and {MAX_CPUS}, got {args.cpus}")
     if args.initrd is not None and not os.access(args.initrd, os.R_OK):
@@ -114,14 +121,20 @@ def run(args) -> int:
 
 
 def run_qemu(spec: RunSpec, args) -> int:
+    from contextlib import nullcontext
+
+    from pyhv.guest.network import NetworkService
     from pyhv.guest.qemu import QemuRun
     from pyhv.guest.qemu import run_qemu as launch
 
     if spec.boot != "auto" or not spec.extract:
         raise PyhvError("--boot and --no-extract apply to --engine kvm only")
-    qemu = QemuRun(spec.kernel, spec.initrd, spec.append, spec.cpus, spec.memory,
-                   interactive=spec.interactive and spec.console_log is None)
-    result = launch(qemu, _sink(spec.console_log), spec.timeout)
+    network = NetworkService(args.publish) if args.network == "user" else nullcontext([])
+    with network as net_args:
+        qemu = QemuRun(spec.kernel, spec.initrd, spec.append, spec.cpus, spec.memory,
+                       extra_args=net_args,
+                       interactive=spec.interactive and spec.console_log is None)
+        result = launch(qemu, _sink(spec.console_log), spec.timeout)
     ok = result.returncode == 0
     return finish(result.status, result.panic, result.timed_out, ok,
                   f"qemu-system-x86_64 exited with status {result.returncode}")
@@ -130,6 +143,10 @@ def run_qemu(spec: RunSpec, args) -> int:
 def run_kvm(spec: RunSpec, args) -> int:
     from pyhv.machine.console import Console
     from pyhv.machine.machine import Machine
+
+    if args.publish:
+        raise PyhvError("-p needs a network device, which pyhv's own VMM does not have yet: "
+                        "use --engine qemu")
 
     reader = None
     if spec.scan:
