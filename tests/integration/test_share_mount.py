@@ -1,0 +1,240 @@
+"""A pyhv share as users run it: cache modes and host changes, read-only and id-mapped shares,
+concurrency, clean shutdown, and escapes attempted through the real FUSE client."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.share_mount import ShareMount, is_mounted, skip_reason
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+
+@pytest.fixture
+def dirs():
+    base = Path(tempfile.mkdtemp(prefix="pyhv-share-"))
+    os.chmod(base, 0o755)
+    host, mnt = base / "host", base / "mnt"
+    host.mkdir()
+    mnt.mkdir()
+    yield host, mnt, base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def eventually(check, timeout: float = 20.0):
+    """Poll until check() is truthy (a deadline for a hang, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("cache", ["always", "auto"])
+def test_host_changes_reach_the_client(dirs, cache):
+    host, mnt, _ = dirs
+    (host / "f").write_text("version 1")
+    (host / "sub").mkdir()
+    with ShareMount(host, mnt, "--cache", cache):
+        assert (mnt / "f").read_text() == "version 1"
+        assert (mnt / "sub").is_dir()
+        (host / "f").write_text("version 2, longer")
+        assert eventually(lambda: (mnt / "f").read_text() == "version 2, longer")
+        with open(host / "f", "r+") as f:           # same size, data changed in place
+            f.write("VERSION")
+        assert eventually(lambda: (mnt / "f").read_text().startswith("VERSION"))
+        (host / "new").write_text("created on the host")
+        assert eventually(lambda: (mnt / "new").exists())
+        os.unlink(host / "f")
+        assert eventually(lambda: not (mnt / "f").exists())
+        os.rename(host / "new", host / "sub" / "moved")
+        assert eventually(lambda: (mnt / "sub" / "moved").exists()
+                          and not (mnt / "new").exists())
+        os.chmod(host / "sub" / "moved", 0o600)
+        assert eventually(lambda: (mnt / "sub" / "moved").stat().st_mode & 0o777 == 0o600)
+
+
+def test_cache_never_sees_host_writes_at_once(dirs):
+    host, mnt, _ = dirs
+    (host / "f").write_text("a")
+    with ShareMount(host, mnt, "--cache", "never"):
+        with open(mnt / "f") as f:
+            assert f.read() == "a"
+            (host / "f").write_text("b")
+            f.seek(0)
+            assert f.read() == "b"      # direct I/O: no page cache on the client
+        (host / "g").write_text("g")
+        assert (mnt / "g").read_text() == "g"
+
+
+def test_readonly_share(dirs):
+    host, mnt, _ = dirs
+    (host / "f").write_text("ro")
+    with ShareMount(host, mnt, "--readonly"):
+        assert (mnt / "f").read_text() == "ro"
+        for fn in (lambda: (mnt / "g").write_text("x"), lambda: os.mkdir(mnt / "d"),
+                   lambda: os.unlink(mnt / "f"), lambda: open(mnt / "f", "a")):
+            with pytest.raises(OSError) as e:
+                fn()
+            assert e.value.errno == errno.EROFS
+    assert sorted(os.listdir(host)) == ["f"]
+
+
+def test_uid_map(dirs):
+    host, mnt, _ = dirs
+    (host / "owned-by-1000").write_text("x")
+    os.chown(host / "owned-by-1000", 1000, 1000)
+    (host / "owned-by-root").write_text("x")
+    with ShareMount(host, mnt, "--uid-map", "0:1000:1", "--uid-map", "1:100000:1000",
+                    "--gid-map", "0:1000:1"):
+        s = os.stat(mnt / "owned-by-1000")
+        assert (s.st_uid, s.st_gid) == (0, 0)
+        assert os.stat(mnt / "owned-by-root").st_uid == 65534
+        (mnt / "new").write_text("made by guest root")
+        assert os.stat(host / "new").st_uid == 1000
+        os.chown(mnt / "new", 5, -1)
+        assert os.stat(host / "new").st_uid == 100004
+        with pytest.raises(OSError) as e:
+            os.chown(mnt / "new", 5000, -1)          # no host id for guest 5000
+        assert e.value.errno == errno.EINVAL
+
+
+def test_sigterm_unmounts_cleanly(dirs):
+    host, mnt, _ = dirs
+    share = ShareMount(host, mnt)
+    with share:
+        (mnt / "f").write_text("x")
+        share.proc.send_signal(signal.SIGTERM)
+        assert share.proc.wait(30) == 0
+        assert not is_mounted(mnt)
+    assert (host / "f").read_text() == "x"
+
+
+def test_a_blocked_lock_wait_does_not_block_other_requests(dirs):
+    host, mnt, _ = dirs
+    (host / "f").write_bytes(bytes(10))
+    (host / "other").write_text("free")
+    code = (f"import fcntl, os, sys\nfd = os.open({str(mnt / 'f')!r}, os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('got it', flush=True)\n")
+    with ShareMount(host, mnt):
+        fd = os.open(mnt / "f", os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            # while the waiter sits in SETLKW inside the server, everything else is served
+            for i in range(50):
+                assert (mnt / "other").read_text() == "free"
+                (mnt / f"n{i}").write_text(str(i))
+                assert sorted(os.listdir(mnt))[:2] == ["f", "n0"]
+            assert waiter.poll() is None
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            assert waiter.stdout.readline() == "got it\n"
+            assert waiter.wait(30) == 0
+        finally:
+            waiter.kill()
+            waiter.wait()
+            os.close(fd)
+
+
+def test_interrupted_lock_wait(dirs):
+    host, mnt, _ = dirs
+    (host / "f").write_bytes(bytes(10))
+    # ctypes fcntl: no PEP 475 retry, so the EINTR the server answers is what we see
+    code = ("import ctypes, fcntl, os, signal, struct\n"
+            "signal.signal(signal.SIGALRM, lambda *a: None)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"fd = os.open({str(mnt / 'f')!r}, os.O_RDWR)\n"
+            "lk = ctypes.create_string_buffer(struct.pack('=hhxxxxqqixxxx', 1, 0, 0, 0, 0))\n"
+            "signal.alarm(1)\n"
+            "rc = libc.fcntl(fd, fcntl.F_SETLKW, lk)\n"
+            "print(rc, ctypes.get_errno())\n")
+    with ShareMount(host, mnt):
+        fd = os.open(mnt / "f", os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 timeout=60).stdout
+            assert out.split() == ["-1", str(errno.EINTR)]
+        finally:
+            os.close(fd)
+
+
+def test_parallel_clients(dirs):
+    host, mnt, _ = dirs
+    errors = []
+
+    def worker(n):
+        try:
+            d = mnt / f"w{n}"
+            d.mkdir()
+            for i in range(100):
+                (d / f"f{i}").write_bytes(bytes([n]) * (i + 1))
+            for i in range(100):
+                assert (d / f"f{i}").read_bytes() == bytes([n]) * (i + 1)
+            assert len(os.listdir(d)) == 100
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with ShareMount(host, mnt):
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert sum(len(os.listdir(host / f"w{n}")) for n in range(6)) == 600
+
+
+def test_symlink_swaps_during_lookups_never_escape(dirs):
+    host, _, base = dirs
+    mnt = base / "deeper" / "mnt"   # so '../outside' seen through the mount is not base/outside
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("SECRET")
+    (host / "real").mkdir()
+    (host / "real" / "secret").write_text("inside")
+    # relative to the host dir this points outside; through the mount it resolves elsewhere
+    os.symlink("../outside", host / "evil")
+    stop = threading.Event()
+
+    def swapper():
+        while not stop.is_set():
+            os.rename(host / "real", host / "tmp")
+            os.rename(host / "evil", host / "real")     # real -> ../outside
+            os.rename(host / "real", host / "evil")
+            os.rename(host / "tmp", host / "real")
+
+    seen = set()
+    with ShareMount(host, mnt, "--cache", "never"):
+        t = threading.Thread(target=swapper)
+        t.start()
+        try:
+            for i in range(400):
+                for op in ("read", "create"):
+                    try:
+                        if op == "read":
+                            seen.add((mnt / "real" / "secret").read_text())
+                        else:
+                            (mnt / "real" / f"new{i}").write_text("x")
+                    except OSError:
+                        pass
+        finally:
+            stop.set()
+            t.join()
+    assert "SECRET" not in seen
+    assert sorted(os.listdir(outside)) == ["secret"]
+    assert (outside / "secret").read_text() == "SECRET"
