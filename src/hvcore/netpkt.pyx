@@ -550,9 +550,10 @@ cdef class Builder:
 
     def tcp_data(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
                  uint32_t ack, int window, data, Py_ssize_t offset, Py_ssize_t length,
-                 int mss) -> list:
-        """Segment data[offset:offset+length] into ACK|PSH frames of at most `mss` payload
-        bytes each, or with vnet into GSO frames of up to 64 KiB (gso_size = mss)."""
+                 int mss, int last_flags=0x18) -> list:
+        """Segment data[offset:offset+length] into ACK frames of at most `mss` payload
+        bytes each, or with vnet into GSO frames of up to 64 KiB (gso_size = mss); the
+        last one gets `last_flags` (ACK|PSH, or with FIN when the stream ends there)."""
         cdef const uint8_t[::1] b = memoryview(data).cast("B")
         cdef list frames = []
         cdef Py_ssize_t step, n, pos = offset, end = offset + length
@@ -566,7 +567,7 @@ cdef class Builder:
         while pos < end:
             n = min(step, end - pos)
             frames.append(self._tcp(src, sport, dst, dport, seq, ack,
-                                    0x18 if pos + n == end else 0x10, window, &b[pos], n, 0,
+                                    last_flags if pos + n == end else 0x10, window, &b[pos], n, 0,
                                     0, -1, False, mss))
             seq = seq + <uint32_t>n
             pos += n

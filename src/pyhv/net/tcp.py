@@ -16,7 +16,7 @@ import random
 import socket
 import struct
 
-from hvcore.netpkt import ACK, FIN, RST, SYN, Reassembly
+from hvcore.netpkt import ACK, FIN, PSH, RST, SYN, Reassembly
 
 M32 = 0xFFFFFFFF
 (CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, FIN_WAIT_2, CLOSING,
@@ -92,6 +92,7 @@ class TcpConn:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.last_ack = self.last_wnd = -1
+        self.output_scheduled = False
         self.seen = self.loop.time()
         self.bytes_to_host = self.bytes_to_guest = 0
         self.syn_head = b""
@@ -160,18 +161,27 @@ class TcpConn:
         self.snd_nxt = self.iss + 1
         self._arm()
 
+    def _output_soon(self) -> None:
+        """Output once per loop iteration: host data and EOF read together leave in the
+        same frames (a short reply and its FIN in one segment)."""
+        if not self.output_scheduled:
+            self.output_scheduled = True
+            self.loop.call_soon(self._output)
+
     def _output(self) -> None:
-        """Send what the guest's window allows, then our FIN once everything is sent."""
+        """Send what the guest's window allows, with our FIN once everything is sent."""
+        self.output_scheduled = False
         if self.state not in (ESTABLISHED, CLOSE_WAIT):
             return
         data_end = self.snd_una + len(self.sndbuf)
         end = min(self.snd_una + self.snd_wnd, data_end)
+        fin = self.fin_queued and self.fin_seq is None and end == data_end
         if end > self.snd_nxt:
             wnd = self._wnd_field()
             frames = self.builder.tcp_data(
                 self.peer, self.pport, self.guest, self.gport, self.snd_nxt & M32,
                 self.rcv_nxt & M32, wnd, self.sndbuf, self.snd_nxt - self.snd_una,
-                end - self.snd_nxt, self.mss)
+                end - self.snd_nxt, self.mss, ACK | PSH | (FIN if fin else 0))
             self.stack.send(frames)
             self.bytes_to_guest += end - self.snd_nxt
             if self.rtt_seq is None:
@@ -179,14 +189,20 @@ class TcpConn:
             self.snd_nxt = end
             self._sent_ack(wnd)
             self._arm(keep=True)
-        if self.fin_queued and self.fin_seq is None and self.snd_nxt == data_end:
-            self.fin_seq = self.snd_nxt
-            self._segment(FIN | ACK)
-            self.snd_nxt += 1
-            self.state = FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK
-            self._arm(keep=True)
+            if fin:
+                self._fin_sent(segment=False)
+        elif fin and self.snd_nxt == data_end:
+            self._fin_sent(segment=True)
         elif self.snd_wnd == 0 and data_end > self.snd_nxt and self.snd_nxt == self.snd_una:
             self._arm(keep=True)               # persist timer: probe the zero window
+
+    def _fin_sent(self, segment: bool) -> None:
+        self.fin_seq = self.snd_nxt
+        if segment:
+            self._segment(FIN | ACK)
+        self.snd_nxt += 1
+        self.state = FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK
+        self._arm(keep=True)
 
     # ---- timers
 
@@ -427,11 +443,11 @@ class TcpConn:
         if len(self.sndbuf) >= self.snd_cap and not self.host_paused:
             self.host_paused = True
             self.transport.pause_reading()
-        self._output()
+        self._output_soon()
 
     def host_eof(self) -> None:
         self.fin_queued = True
-        self._output()
+        self._output_soon()
 
     def host_lost(self, exc) -> None:
         self.transport = None

@@ -29,6 +29,7 @@ class TcpNat:
         self.sweeper: asyncio.TimerHandle | None = None
         self.next_port = EPHEMERAL[0]
         self.tasks: set[asyncio.Task] = set()
+        self.closing = False
 
     def start(self) -> None:
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
@@ -93,11 +94,13 @@ class TcpNat:
     async def _connect(self, conn: TcpConn, target: tuple[str, int], dest) -> None:
         stack = self.stack
         counters = stack.counters
+        task = asyncio.current_task()
+        timer = stack.loop.call_later(stack.cfg.connect_timeout, task.cancel)
         try:
-            await asyncio.wait_for(
-                stack.loop.create_connection(lambda: HostSide(conn), *target),
-                stack.cfg.connect_timeout)
-        except TimeoutError:
+            await stack.loop.create_connection(lambda: HostSide(conn), *target)
+        except asyncio.CancelledError:
+            if self.closing:
+                raise
             counters["tcp connect timeouts"] += 1
             self._failed(conn, icmp=1)
         except ConnectionRefusedError:
@@ -117,6 +120,7 @@ class TcpNat:
             else:                               # the guest gave up meanwhile
                 conn.finish()
         finally:
+            timer.cancel()
             self.connecting -= 1
             self.per_dest[dest] -= 1
             if not self.per_dest[dest]:
@@ -164,6 +168,7 @@ class TcpNat:
         return {"flows": len(self.conns), "connecting": self.connecting, "states": states}
 
     def close(self) -> None:
+        self.closing = True
         if self.sweeper is not None:
             self.sweeper.cancel()
         for task in list(self.tasks):
