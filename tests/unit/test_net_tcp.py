@@ -1,0 +1,212 @@
+"""The TCP state machine driven frame by frame (a hand-built guest on a fake port, a real
+host socket on 127.0.0.1): out-of-order reassembly, segments outside the window,
+retransmission by timeout and fast retransmit, zero-window probes, RST both ways."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hvcore import netpkt as n
+from pyhv.net.config import GATEWAY_MAC, NetConfig
+from pyhv.net.ports import FramePort
+from pyhv.net.stack import Stack
+
+GUEST_MAC = 0x0250_0000_0002
+M32 = 0xFFFFFFFF
+
+
+class FakePort(FramePort):
+    def __init__(self):
+        super().__init__()
+        self.out: list[n.Packet] = []
+
+    async def start(self, deliver) -> None:
+        self.deliver = deliver
+
+    def send(self, frames) -> None:
+        self.out.extend(n.parse(bytes(f)) for f in frames)
+
+    def close(self) -> None:
+        pass
+
+
+class Guest:
+    """One guest TCP flow written by hand, seq numbers from 1000."""
+
+    def __init__(self, stack: Stack, port: FakePort, dport: int):
+        self.stack, self.port, self.dport = stack, port, dport
+        self.b = n.Builder(GUEST_MAC)
+        self.b.guest_mac = GATEWAY_MAC
+        self.me, self.peer = stack.cfg.guest, stack.cfg.alias
+        self.seq, self.ack = 1000, 0
+
+    def send(self, flags: int, data: bytes = b"", seq: int | None = None, window=65535,
+             ack: int | None = None, **opts) -> None:
+        seq = self.seq if seq is None else seq
+        self.stack.receive([bytes(self.b.tcp(self.me, 40000, self.peer, self.dport, seq & M32,
+                                             (self.ack if ack is None else ack) & M32,
+                                             flags, window, data, **opts))])
+
+    async def expect(self, pred, timeout: float = 10.0) -> n.Packet:
+        for _ in range(int(timeout / 0.01)):
+            for i, p in enumerate(self.port.out):
+                if p.proto == 6 and pred(p):
+                    del self.port.out[:i + 1]
+                    return p
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no such segment in {self.port.out}")
+
+    async def handshake(self) -> None:
+        self.send(n.SYN, mss=1460, wscale=2)
+        synack = await self.expect(lambda p: p.flags == n.SYN | n.ACK)
+        assert synack.ack == 1001 and synack.mss == NetConfig().mtu - 40
+        self.seq, self.ack = 1001, synack.seq + 1
+        self.send(n.ACK)
+
+
+def run(coro_fn, **cfg):
+    async def main():
+        port = FakePort()
+        stack = Stack(NetConfig(**cfg), port)
+        await stack.start()
+        received = bytearray()
+        writers = []
+        eof = asyncio.Event()
+
+        async def host(reader, writer):
+            writers.append(writer)
+            try:
+                while data := await reader.read(65536):
+                    received.extend(data)
+            except ConnectionError:
+                pass
+            eof.set()
+
+        server = await asyncio.start_server(host, "127.0.0.1", 0)
+        try:
+            guest = Guest(stack, port, server.sockets[0].getsockname()[1])
+            await coro_fn(guest, stack, received, writers, eof)
+        finally:
+            stack.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+async def settle(cond, timeout=10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_out_of_order_segments_are_reassembled():
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.send(n.ACK | n.PSH, b"world", seq=1006)          # a hole at 1001..1006
+        dup = await guest.expect(lambda p: p.flags & n.ACK)
+        assert dup.ack == 1001                                # duplicate ACK: what is missing
+        guest.send(n.ACK | n.PSH, b"hello", seq=1001)
+        await settle(lambda: bytes(received) == b"helloworld")
+        ack = await guest.expect(lambda p: p.ack == 1011)
+        assert ack.window > 0
+        assert stack.counters["tcp out-of-order segments"] == 2
+
+    run(body)
+
+
+def test_segments_outside_the_window_are_dropped():
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.send(n.ACK, b"far away", seq=1001 + (1 << 30))
+        guest.send(n.ACK, b"old", seq=1001 - 100)
+        await guest.expect(lambda p: p.ack == 1001)
+        guest.send(n.ACK | n.PSH, b"fine", seq=1001)
+        await settle(lambda: bytes(received) == b"fine")
+        assert stack.counters["tcp dropped: outside window"] == 1
+        assert stack.counters["tcp duplicate segments"] == 1
+
+    run(body)
+
+
+def test_retransmission_timeout_and_fast_retransmit():
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        await settle(lambda: writers)
+        writers[0].write(b"x" * 3000)
+        first = await guest.expect(lambda p: p.payload_len > 0)
+        again = await guest.expect(lambda p: p.payload_len > 0 and p.seq == first.seq)
+        assert bytes(again.payload) == bytes(first.payload)    # resent after the RTO
+        assert stack.counters["tcp retransmission timeouts"] >= 1
+        for _ in range(3):                                     # three duplicate ACKs
+            guest.send(n.ACK, ack=first.seq)
+        await guest.expect(lambda p: p.payload_len > 0 and p.seq == first.seq)
+        assert stack.counters["tcp fast retransmits"] == 1
+        guest.send(n.ACK, ack=(first.seq + 3000))
+        await settle(lambda: stack.tcp.conns and
+                     next(iter(stack.tcp.conns.values())).snd_una - 1 ==
+                     next(iter(stack.tcp.conns.values())).iss + 3000)
+
+    run(body)
+
+
+def test_zero_window_gets_probed():
+    async def body(guest, stack, received, writers, eof):
+        guest.send(n.SYN, mss=1460, window=0)
+        synack = await guest.expect(lambda p: p.flags == n.SYN | n.ACK)
+        guest.seq, guest.ack = 1001, synack.seq + 1
+        guest.send(n.ACK, window=0)
+        await settle(lambda: writers)
+        writers[0].write(b"data for a full guest")
+        probe = await guest.expect(lambda p: p.payload_len > 0)
+        assert probe.payload_len == 1 and bytes(probe.payload) == b"d"
+        guest.send(n.ACK, ack=synack.seq + 2, window=1000)
+        rest = await guest.expect(lambda p: p.payload_len > 0)
+        assert bytes(rest.payload) == b"ata for a full guest"
+
+    run(body)
+
+
+@pytest.mark.parametrize("who", ["guest", "host"])
+def test_reset_both_ways(who):
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        await settle(lambda: writers)
+        if who == "guest":
+            guest.send(n.RST, seq=1001)
+            await asyncio.wait_for(eof.wait(), 10)
+            assert stack.counters["tcp reset by guest"] == 1
+        else:
+            sock = writers[0].get_extra_info("socket")
+            import socket
+            import struct
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writers[0].transport.abort()
+            await guest.expect(lambda p: p.flags & n.RST)
+        await settle(lambda: not stack.tcp.conns)
+
+    run(body)
+
+
+def test_stray_segments_get_rst_and_half_close():
+    async def body(guest, stack, received, writers, eof):
+        guest.send(n.ACK, b"no flow", seq=5)
+        rst = await guest.expect(lambda p: p.flags & n.RST)
+        assert rst.seq == 0                                   # seq = the stray ACK's ack
+        await guest.handshake()
+        guest.send(n.ACK | n.PSH | n.FIN, b"last words")
+        await asyncio.wait_for(eof.wait(), 10)                # the host saw our FIN
+        assert bytes(received) == b"last words"
+        fin_ack = await guest.expect(lambda p: p.ack == 1001 + 10 + 1)
+        assert not fin_ack.flags & n.FIN
+        writers[0].write(b"reply after the guest's FIN")
+        writers[0].close()
+        data = await guest.expect(lambda p: p.payload_len > 0)
+        assert bytes(data.payload) == b"reply after the guest's FIN"
+        if not data.flags & n.FIN:                            # EOF read in a later iteration
+            await guest.expect(lambda p: p.flags & n.FIN)
+
+    run(body)
