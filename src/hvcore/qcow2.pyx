@@ -207,6 +207,7 @@ cdef class Qcow2:
     cdef uint64_t ea, eb
     cdef object exc
     cdef bint has_backing
+    cdef public bint unsafe_cache       # qemu's cache=unsafe: order writes, skip fdatasync
     cdef public uint64_t backing_size
     cdef object _backing_read
     cdef public object decompress
@@ -410,6 +411,8 @@ cdef class Qcow2:
         return 0
 
     cdef int sync(self) noexcept nogil:
+        if self.unsafe_cache:
+            return 0
         if fdatasync(self.fd) < 0:
             return self.fail(E_IO, errno, 0)
         return 0
@@ -1173,7 +1176,8 @@ cdef class Qcow2:
                 if new < 0:
                     return -1
                 host = <uint64_t>new
-            if not reuse and host >= self.file_end and (off == 0 or (e & ZEROF)) and \
+            if n < self.cluster_size and not reuse and host >= self.file_end and \
+                    (off == 0 or (e & ZEROF)) and \
                     not (e & COMPRESSED) and (not self.has_backing or gbase >= self.backing_size):
                 # a fresh cluster past the end of the file already reads as zeroes: write
                 # only the new bytes and extend the file over the rest (no zero COW)

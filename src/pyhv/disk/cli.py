@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-S", dest="sparse", default="4k")
+    p.add_argument("-t", dest="cache", default="unsafe",
+                   choices=["none", "writeback", "writethrough", "directsync", "unsafe"])
+    p.add_argument("-T", dest="src_cache", help="accepted for compatibility")
     p.add_argument("-o", dest="options", action="append")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("source")
@@ -179,7 +182,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from pyhv.disk.convert import convert
 
     convert(args.source, args.target, args.fmt, args.out_fmt, args.compress,
-            args.progress and not args.quiet, parse_size(args.sparse), _options(args))
+            args.progress and not args.quiet, parse_size(args.sparse), _options(args),
+            args.cache)
     return 0
 
 

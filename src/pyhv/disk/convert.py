@@ -22,7 +22,10 @@ def data_extents(disk, size: int):
 
 
 def convert(src: str, dst: str, src_fmt: str | None, dst_fmt: str, compress: bool,
-            progress: bool, sparse: int, options: dict[str, str]) -> None:
+            progress: bool, sparse: int, options: dict[str, str],
+            cache: str = "unsafe") -> None:
+    """qemu-img's default target cache for convert is 'unsafe': writes keep their crash-safe
+    order but nothing is synced; any other mode syncs at the end."""
     if compress and dst_fmt != "qcow2":
         raise DiskError("Compression not supported for this file format")
     if sparse and sparse % 512:
@@ -31,8 +34,11 @@ def convert(src: str, dst: str, src_fmt: str | None, dst_fmt: str, compress: boo
         size = s.size
         create(dst, dst_fmt, size, options)
         with pyhv.disk.open(dst, dst_fmt) as d:
+            if d.format == "qcow2":
+                d.core.unsafe_cache = cache == "unsafe"
             _copy(s, d, size, compress, Progress(progress, size), sparse)
-            d.flush()
+            if cache != "unsafe":
+                d.flush()
 
 
 def _ranges(s, size: int, align: int):
