@@ -1,0 +1,105 @@
+"""Config parsing, DNS answers, DHCP options and IPv4 fragment reassembly, without a
+network: the pieces the integration tests reach only through Linux."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from hvcore import netpkt as n
+from pyhv.errors import PyhvError
+from pyhv.net.config import Forward, NetConfig, parse_forward, parse_upstream
+from pyhv.net.dhcp import parse_options
+from pyhv.net.dns import Dns, question
+from pyhv.net.frag import Fragments
+
+
+def test_forward_specs():
+    assert parse_forward("8080:80") == Forward("tcp", "127.0.0.1", 8080, 80)
+    assert parse_forward("0.0.0.0:53:53/udp") == Forward("udp", "0.0.0.0", 53, 53)
+    for bad in ("80", "a:1:2", "70000:1", "1:2/sctp", "1.2.3:1:2", "0:80"):
+        with pytest.raises(PyhvError):
+            parse_forward(bad)
+    assert parse_upstream("10.0.0.1") == ("10.0.0.1", 53)
+    assert parse_upstream("10.0.0.1:5353") == ("10.0.0.1", 5353)
+    with pytest.raises(PyhvError):
+        parse_upstream("nameserver")
+
+
+def test_config_checks_addresses():
+    with pytest.raises(PyhvError, match="not inside"):
+        NetConfig(gateway="10.0.0.1")
+    with pytest.raises(PyhvError, match="MTU"):
+        NetConfig(mtu=70000)
+    assert NetConfig(host_loopback=None).alias is None
+
+
+def query(name: str, qtype: int = 1) -> bytes:
+    q = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return q + struct.pack("!HH", qtype, 1)
+
+
+def test_dns_builtin_answers():
+    dns = Dns(NetConfig())
+    reply = dns.local(query("host.pyhv.internal"))
+    assert reply[:2] == b"\0\7" and reply[3] & 0x0F == 0 and reply[-4:] == bytes([192, 168, 65,
+                                                                               254])
+    assert dns.local(query("nothing.pyhv.internal"))[3] & 0x0F == 3     # NXDOMAIN
+    aaaa = dns.local(query("gateway.pyhv.internal", 28))
+    assert struct.unpack_from("!H", aaaa, 6)[0] == 0                   # no AAAA, no error
+    assert dns.local(query("example.com")) is None                     # forwarded
+    assert dns.local(b"\0\1\2") is None
+    assert dns.local(b"\0" * 12)[3] & 0x0F == 1                       # FORMERR
+    assert question(query("a.b")) == ("a.b", 1, len(query("a.b")))
+    assert question(b"\0" * 12 + b"\x40" + b"x" * 70) is None
+
+
+def test_dhcp_options_bounds():
+    assert parse_options(b"\x35\x01\x01\xff") == {53: b"\x01"}
+    assert parse_options(b"\x00\x35\x01\x03") == {53: b"\x03"}
+    assert parse_options(b"\x35\x05\x01") is None                      # runs past the end
+    assert parse_options(b"\x35") is None
+
+
+def fragments(payload: bytes, pieces: list[tuple[int, int, int]], ident: int = 9):
+    """IPv4 fragments of a UDP datagram: (offset in 8-byte units, length, more)."""
+    b = n.Builder(1)
+    b.guest_mac = 2
+    whole = bytes(b.udp(0x0A000001, 1, 0x0A000002, 2, payload))[14:]
+    body = whole[20:]
+    out = []
+    for off, length, more in pieces:
+        hdr = bytearray(whole[:20])
+        hdr[2:4] = struct.pack("!H", 20 + length)
+        hdr[4:6] = struct.pack("!H", ident)
+        hdr[6:8] = struct.pack("!H", (more << 13) | off)
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = struct.pack("!H", n.checksum(hdr))
+        out.append(n.parse(bytes(12) + b"\x08\x00" + bytes(hdr) + body[off * 8:off * 8
+                                                                           + length]))
+    return out
+
+
+def test_fragments_reassemble_in_any_order():
+    frags = Fragments()
+    parts = fragments(b"p" * 40, [(2, 32, 0), (0, 16, 1)])
+    assert all(p.kind == n.FRAGMENT for p in parts)
+    assert frags.add(parts[0]) is None
+    whole = n.parse_ip(frags.add(parts[1]))
+    assert (whole.kind, whole.proto, bytes(whole.payload)) == (n.IPV4, 17, b"p" * 40)
+
+
+def test_overlapping_fragments_drop_the_datagram():
+    frags = Fragments()
+    a, b, c = fragments(b"o" * 40, [(0, 16, 1), (1, 16, 1), (3, 24, 0)])
+    assert frags.add(a) is None and frags.add(b) is None
+    assert frags.add(c) is None and frags.dropped == 1
+
+
+def test_fragment_table_is_bounded():
+    frags = Fragments(limit=4)
+    for i in range(10):
+        frags.add(fragments(b"f" * 40, [(0, 16, 1)], ident=i)[0])
+    assert len(frags.partial) == 4 and frags.dropped == 6
