@@ -1,0 +1,174 @@
+"""pyhv share next to bindfs (a C FUSE passthrough, Debian package) and the native directory,
+measured in the same run by the same Python workloads. Target: >= 1.5x bindfs on every row."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.share_mount import ShareMount, is_mounted, skip_reason
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None or shutil.which("bindfs") is None,
+                                reason=skip_reason() or "bindfs not installed (apt bindfs)")
+FILES = 2000
+RAND_FILE = 64 << 20
+RAND_OPS = 20000
+SEQ_FILE = 256 << 20
+GIT_FILES = 50_000
+
+
+@pytest.fixture(scope="module")
+def mounts():
+    """{'pyhv': dir, 'bindfs': dir, 'native': dir}, each over its own host directory."""
+    base = Path(tempfile.mkdtemp(prefix="pyhv-bench-share-"))
+    dirs = {}
+    for name in ("pyhv", "bindfs", "native"):
+        (base / f"{name}-host").mkdir()
+    (base / "bindfs").mkdir()
+    subprocess.run(["bindfs", str(base / "bindfs-host"), str(base / "bindfs")], check=True)
+    share = ShareMount(base / "pyhv-host", base / "pyhv")
+    share.__enter__()
+    dirs = {"pyhv": base / "pyhv", "bindfs": base / "bindfs", "native": base / "native-host"}
+    try:
+        yield dirs, base
+    finally:
+        share.stop()
+        if is_mounted(base / "bindfs"):
+            subprocess.run(["fusermount3", "-u", "-z", str(base / "bindfs")])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def creates(d: Path) -> float:
+    d.mkdir()
+    t = time.perf_counter()
+    for i in range(FILES):
+        os.close(os.open(d / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return FILES / (time.perf_counter() - t)
+
+
+def stats(d: Path) -> float:
+    t = time.perf_counter()
+    for _ in range(5):
+        for i in range(FILES):
+            os.stat(d / f"f{i}")
+    return 5 * FILES / (time.perf_counter() - t)
+
+
+def unlinks(d: Path) -> float:
+    t = time.perf_counter()
+    for i in range(FILES):
+        os.unlink(d / f"f{i}")
+    rate = FILES / (time.perf_counter() - t)
+    d.rmdir()
+    return rate
+
+
+def random_io(d: Path, write: bool) -> float:
+    p = d / "rand"
+    if not p.exists():
+        with open(p, "wb") as f:
+            f.write(os.urandom(1 << 20) * (RAND_FILE >> 20))
+    rng = random.Random(1)
+    offsets = [rng.randrange(RAND_FILE >> 12) << 12 for _ in range(RAND_OPS)]
+    block = os.urandom(4096)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        t = time.perf_counter()
+        if write:
+            for off in offsets:
+                os.pwrite(fd, block, off)
+        else:
+            for off in offsets:
+                os.pread(fd, 4096, off)
+        return RAND_OPS / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+
+
+def seq_write(d: Path) -> float:
+    chunk = os.urandom(1 << 20)
+    t = time.perf_counter()
+    fd = os.open(d / "seq", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(SEQ_FILE >> 20):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return SEQ_FILE / (time.perf_counter() - t) / 1e6
+
+
+def seq_read(d: Path) -> float:
+    t = time.perf_counter()
+    fd = os.open(d / "seq", os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+    return SEQ_FILE / (time.perf_counter() - t) / 1e6
+
+
+WORKLOADS = {
+    "file creates": ("creates/s", lambda d: creates(d / "meta")),
+    "file stats": ("stats/s", lambda d: stats(d / "meta")),
+    "file unlinks": ("unlinks/s", lambda d: unlinks(d / "meta")),
+    "4 KiB random read": ("IOPS", lambda d: random_io(d, False)),
+    "4 KiB random write": ("IOPS", lambda d: random_io(d, True)),
+    "sequential write": ("MB/s", seq_write),
+    "sequential read": ("MB/s", seq_read),
+}
+
+
+def test_share_rows(mounts, record, benchmark):
+    dirs, _ = mounts
+    results: dict[str, dict[str, float]] = {}
+
+    def once():
+        for name, (_unit, fn) in WORKLOADS.items():      # in order: each row uses the last
+            results[name] = {kind: fn(d) for kind, d in dirs.items()}
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    for name, (unit, _fn) in WORKLOADS.items():
+        r = results[name]
+        record(f"share {name}", unit, pyhv=r["pyhv"], anchor=r["bindfs"], anchor_name="bindfs",
+               native=r["native"], target=1.5)
+
+
+@pytest.mark.slow
+def test_share_git_status_50k(mounts, record, benchmark):
+    dirs, base = mounts
+    src = base / "gitsrc"
+    for i in range(GIT_FILES):
+        sub = src / f"d{i % 500:03d}"
+        if i < 500:
+            sub.mkdir(parents=True)
+        (sub / f"f{i}").write_text(str(i))
+    git = ["git", "-c", "safe.directory=*"]
+    subprocess.run([*git, "init", "-q", str(src)], check=True)
+    subprocess.run([*git, "add", "-A"], cwd=src, check=True)
+    subprocess.run([*git, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "x"],
+                   cwd=src, check=True)
+    times = {}
+    for d in dirs.values():
+        shutil.copytree(src, d / "tree", symlinks=True)
+        subprocess.run([*git, "status", "--porcelain"], cwd=d / "tree", check=True,
+                       capture_output=True)           # warm: the index is refreshed once
+
+    def once():
+        for kind, d in dirs.items():
+            t = time.perf_counter()
+            subprocess.run([*git, "status", "--porcelain"], cwd=d / "tree", check=True,
+                           capture_output=True)
+            times[kind] = time.perf_counter() - t
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    record("share git status, 50k files", "s", pyhv=times["pyhv"], anchor=times["bindfs"],
+           anchor_name="bindfs", higher_is_better=False, native=times["native"], target=1.5)
