@@ -347,6 +347,11 @@ cdef class Stat:
     def rdev(self): return self.st.st_rdev
     @property
     def mtime_ns(self): return self.st.st_mtim.tv_sec * 1000000000 + self.st.st_mtim.tv_nsec
+    @property
+    def stamp(self):
+        """(ctime, mtime, size): changes whenever anyone changes the inode."""
+        return (self.st.st_ctim.tv_sec * 1000000000 + self.st.st_ctim.tv_nsec,
+                self.st.st_mtim.tv_sec * 1000000000 + self.st.st_mtim.tv_nsec, self.st.st_size)
 
 
 def lstat_at(int dirfd, bytes name not None) -> Stat:

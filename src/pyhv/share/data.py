@@ -40,6 +40,8 @@ class DataOps:
         try:
             if open_flags & fp.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
                 kill_suidgid(fd)
+            if flags & os.O_TRUNC:
+                self._stamp(node, fd)
         except OSError:
             os.close(fd)
             raise
@@ -49,6 +51,7 @@ class DataOps:
         flags, mode, _umask, _open_flags, name = args
         parent = self.inodes.get(nodeid)
         flags = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
+        self._expect(parent, name)
         fd = fp.open_beneath(parent.fd, name, flags, st_.S_IMODE(mode))
         try:
             pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
@@ -63,6 +66,7 @@ class DataOps:
             os.close(fd)
             raise
         node = self.inodes.adopt(pfd, s)
+        self._stamp(node, s=s)
         fh = self._new_handle(fd, node)
         uid, gid = self._ids_out(s, ctx)
         p = self.policy
@@ -83,7 +87,9 @@ class DataOps:
         h = self._handle(fh)
         if write_flags & fp.WRITE_KILL_SUIDGID:
             kill_suidgid(h.fd)
-        return [fp.write_reply(unique, os.pwrite(h.fd, data, offset))]
+        n = os.pwrite(h.fd, data, offset)
+        self._stamp(h.inode, h.fd)
+        return [fp.write_reply(unique, n)]
 
     def _op_flush(self, unique, nodeid, args, ctx):
         fh, lock_owner = args
@@ -110,7 +116,9 @@ class DataOps:
         fh, offset, length, mode = args
         if offset > MAX_OFFSET or length > MAX_OFFSET or length == 0:
             raise OSError(errno.EINVAL, f"fallocate {offset}+{length}")
-        fp.fallocate_fd(self._handle(fh).fd, mode, offset, length)
+        h = self._handle(fh)
+        fp.fallocate_fd(h.fd, mode, offset, length)
+        self._stamp(h.inode, h.fd)
         return [fp.error_reply(unique, 0)]
 
     def _op_lseek(self, unique, nodeid, args, ctx):
@@ -129,4 +137,5 @@ class DataOps:
             raise OSError(errno.EINVAL, "copy_file_range offset")
         src, dst = self._handle(fh_in), self._handle(fh_out)
         n = os.copy_file_range(src.fd, dst.fd, min(length, 1 << 30), off_in, off_out)
+        self._stamp(dst.inode, dst.fd)
         return [fp.write_reply(unique, n)]

@@ -29,6 +29,7 @@ class Inode:
     mode: int                     # S_IFMT bits only (the type never changes)
     nlookup: int = 0
     wd: int = -1                  # inotify watch on a directory (watch.py)
+    stamp: tuple | None = None    # Stat.stamp after the server's own last change
     lock_fds: dict = field(default_factory=dict)   # POSIX lock owner -> OFD descriptor
     lock_pids: dict = field(default_factory=dict)  # POSIX lock owner -> client pid
 

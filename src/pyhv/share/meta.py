@@ -66,7 +66,9 @@ class MetaOps:
                 kill_suidgid(fd if fd is not None else path)
         if valid & (FA["ATIME"] | FA["MTIME"]):
             self._utimes(node, valid, atime, atimens, mtime, mtimens)
-        return self._attr(unique, fp.lstat_at(node.fd, b""), ctx)
+        s = fp.lstat_at(node.fd, b"")
+        self._stamp(node, s=s)
+        return self._attr(unique, s, ctx)
 
     def _utimes(self, node, valid, atime, atimens, mtime, mtimens):
         if node.is_symlink:
@@ -123,7 +125,9 @@ class MetaOps:
         except OSError:
             os.close(fd)
             raise
-        return self._entry(unique, self.inodes.adopt(fd, s), s, ctx)
+        node = self.inodes.adopt(fd, s)
+        self._stamp(node, s=s)
+        return self._entry(unique, node, s, ctx)
 
     def _chown_created(self, fd, parent, ctx, mode) -> None:
         """A root server creates as root: hand the new inode to the caller's (mapped) ids."""
@@ -147,18 +151,21 @@ class MetaOps:
         if kind not in (st_.S_IFREG, st_.S_IFIFO, st_.S_IFSOCK, st_.S_IFCHR, st_.S_IFBLK, 0):
             raise OSError(errno.EINVAL, f"mknod of type {kind:#o}")
         parent = self.inodes.get(nodeid)
+        self._expect(parent, name)
         os.mknod(name, mode, decode_rdev(rdev), dir_fd=parent.fd)
         return self._new_entry(unique, parent, name, ctx, mode)
 
     def _op_mkdir(self, unique, nodeid, args, ctx):
         mode, _umask, name = args
         parent = self.inodes.get(nodeid)
+        self._expect(parent, name)
         os.mkdir(name, st_.S_IMODE(mode), dir_fd=parent.fd)
         return self._new_entry(unique, parent, name, ctx, st_.S_IFDIR)
 
     def _op_symlink(self, unique, nodeid, args, ctx):
         name, target = args
         parent = self.inodes.get(nodeid)
+        self._expect(parent, name)
         os.symlink(target, name, dir_fd=parent.fd)
         return self._new_entry(unique, parent, name, ctx)
 
@@ -167,16 +174,21 @@ class MetaOps:
         old, parent = self.inodes.get(oldnodeid), self.inodes.get(nodeid)
         if old.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
+        self._expect(parent, name)
         os.link(old.proc_path, name, dst_dir_fd=parent.fd, follow_symlinks=True)
         node, s = self.inodes.lookup(parent, name)
         return self._entry(unique, node, s, ctx)
 
     def _op_unlink(self, unique, nodeid, args, ctx):
-        os.unlink(args[0], dir_fd=self.inodes.get(nodeid).fd)
+        parent = self.inodes.get(nodeid)
+        self._expect(parent, args[0])
+        os.unlink(args[0], dir_fd=parent.fd)
         return [fp.error_reply(unique, 0)]
 
     def _op_rmdir(self, unique, nodeid, args, ctx):
-        os.rmdir(args[0], dir_fd=self.inodes.get(nodeid).fd)
+        parent = self.inodes.get(nodeid)
+        self._expect(parent, args[0])
+        os.rmdir(args[0], dir_fd=parent.fd)
         return [fp.error_reply(unique, 0)]
 
     def _op_rename(self, unique, nodeid, args, ctx):
@@ -184,6 +196,8 @@ class MetaOps:
         if flags & ~RENAME_FLAGS:
             raise OSError(errno.EINVAL, f"rename flags {flags:#x}")
         src, dst = self.inodes.get(nodeid), self.inodes.get(newdir)
+        self._expect(src, old)
+        self._expect(dst, new)
         fp.rename_at(src.fd, old, dst.fd, new, flags)
         return [fp.error_reply(unique, 0)]
 

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from hvcore import fuseproto as fp
@@ -59,6 +60,9 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.negotiated = 0
         self.proto_minor = 0
         self.notify: Callable[[list], None] | None = None
+        # Set by the host watch: the server's own changes must not come back as invalidations.
+        self.watching = False
+        self.expected: dict[tuple[int, bytes], float] = {}     # (parent nodeid, name) -> time
         self.stats_errors = 0
         self._ops: dict[int, Callable] = {}
         for name in dir(self):
@@ -115,6 +119,19 @@ class FuseServer(MetaOps, DataOps, LockOps):
             return self.handles[fh]
         except KeyError:
             raise OSError(errno.EBADF, f"unknown file handle {fh}") from None
+
+    def _expect(self, parent: Inode, name: bytes) -> None:
+        """The host watch will see an event for this name: it is ours, not the host's."""
+        if self.watching:
+            self.expected[(parent.nodeid, name)] = time.monotonic()
+
+    def _stamp(self, node: Inode, fd: int | None = None, s: fp.Stat | None = None) -> None:
+        """Remember the inode as our last change left it (the watch ignores that state)."""
+        if self.watching:
+            try:
+                node.stamp = (s or fp.lstat_at(node.fd if fd is None else fd, b"")).stamp
+            except OSError:
+                pass
 
     def _ids_out(self, s: fp.Stat, ctx: tuple) -> tuple[int, int]:
         if self.idmap.identity:

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from hvcore import fuseproto as fp
 
@@ -44,6 +45,7 @@ class HostWatch:
         self._thread = threading.Thread(target=self._run, daemon=True, name="host-watch")
         self._warned = False
         server.inodes.on_new_dir = self.add
+        server.watching = True
         server.inodes.on_drop = self.remove
         self.add(server.inodes.root)
 
@@ -93,27 +95,41 @@ class HostWatch:
             self._dispatch(fp.inotify_events(data))
 
     def _dispatch(self, events: list) -> None:
-        entries: set[tuple[int, bytes]] = set()
-        inodes: set[int] = set()
+        entries: dict[tuple[int, bytes], None] = {}
+        inodes: dict[int, None] = {}
+        expected = self.server.expected
         for wd, mask, _cookie, name in events:
             with self._lock:
                 parent = self._wds.get(wd)
             if parent is None or not name:
                 continue
+            key = (parent.nodeid, name)
             if mask & NAME_EVENTS:
-                entries.add((parent.nodeid, name))
-            if mask & (DATA_EVENTS | IN_MOVED_TO | IN_CREATE):
+                if expected.pop(key, None) is None:      # not one of the server's own
+                    entries[key] = None
+            if mask & DATA_EVENTS:
                 try:
                     s = fp.lstat_at(parent.fd, name)
                 except OSError:
                     continue
                 node = self.server.inodes.find(s.dev, s.ino)
-                if node is not None:
-                    inodes.add(node.nodeid)
+                if node is not None and node.stamp != s.stamp:
+                    inodes[node.nodeid] = None
+        self._expire(expected)
         notify = self.server.notify
         if notify is None:
             return
-        for parent, name in entries:
-            notify([fp.notify_inval_entry(parent, name)])
+        for parent_id, name in entries:
+            notify([fp.notify_inval_entry(parent_id, name)])
         for nodeid in inodes:
             notify([fp.notify_inval_inode(nodeid, 0, 0)])
+
+    @staticmethod
+    def _expire(expected: dict) -> None:
+        """Forget expectations whose event never came (coalesced or lost) after a while."""
+        if len(expected) < 1024:
+            return
+        old = time.monotonic() - 5.0
+        for key, when in list(expected.items()):
+            if when < old:
+                expected.pop(key, None)
