@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECONDS = 4
+SECONDS = 3
+ROUNDS = 3          # tools interleaved per round, best of each kept: host load hits all alike
+TOOLS = ("pyhv", "slirp4netns", "pasta")
 _ids = itertools.count()
 
 pytestmark = pytest.mark.skipif(
@@ -99,7 +101,7 @@ def network(tool: str, forward: tuple[int, int] | None = None):
 
 
 def iperf(ns: str, host: str, reverse: bool) -> float:
-    """Gbit/s received, namespace client -> host server (or the reverse with -R)."""
+    """Mbit/s received, namespace client -> host server (or the reverse with -R)."""
     port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,22 +109,23 @@ def iperf(ns: str, host: str, reverse: bool) -> float:
         time.sleep(0.3)
         out = ns_exec(ns, "iperf3", "-c", host, "-p", str(port), "-t", str(SECONDS), "-J",
                       *(["-R"] if reverse else [])).stdout
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("direction", ["ns_to_host", "host_to_ns"])
 def test_tcp_throughput(direction, record, benchmark):
-    results: dict[str, float] = {}
+    results = dict.fromkeys(TOOLS, 0.0)
 
     def once():
-        for tool in ("pyhv", "slirp4netns", "pasta"):
+        for tool in TOOLS:
             with network(tool) as (ns, host):
-                results[tool] = iperf(ns, host, reverse=direction == "host_to_ns")
+                results[tool] = max(results[tool],
+                                    iperf(ns, host, reverse=direction == "host_to_ns"))
 
-    benchmark.pedantic(once, rounds=1, iterations=1)
-    record(f"tcp throughput {direction}", "Gbit/s", pyhv=results["pyhv"],
+    benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
+    record(f"tcp throughput {direction}", "Mbit/s", pyhv=results["pyhv"],
            anchor=results["slirp4netns"], anchor_name="slirp4netns", target=1.5,
            pasta=results["pasta"])
 
@@ -156,16 +159,16 @@ def test_short_connections(record, benchmark):
                 c.sendall(b"ok\n")
 
     threading.Thread(target=serve, daemon=True).start()
-    results: dict[str, float] = {}
+    results = dict.fromkeys(TOOLS, 0.0)
 
     def once():
-        for tool in ("pyhv", "slirp4netns", "pasta"):
+        for tool in TOOLS:
             with network(tool) as (ns, host):
                 out = ns_exec(ns, sys.executable, "-c", CLIENT, host, str(port), str(SECONDS))
-                results[tool] = float(out.stdout)
+                results[tool] = max(results[tool], float(out.stdout))
 
     try:
-        benchmark.pedantic(once, rounds=1, iterations=1)
+        benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
     finally:
         srv.close()
     record("short connections", "conn/s", pyhv=results["pyhv"], anchor=results["pasta"],
@@ -173,10 +176,10 @@ def test_short_connections(record, benchmark):
 
 
 def test_port_forward_throughput(record, benchmark):
-    results: dict[str, float] = {}
+    results = dict.fromkeys(TOOLS, 0.0)
 
     def once():
-        for tool in ("pyhv", "slirp4netns", "pasta"):
+        for tool in TOOLS:
             hp = free_port()
             with network(tool, forward=(hp, 5201)) as (ns, _):
                 server = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1",
@@ -187,12 +190,13 @@ def test_port_forward_throughput(record, benchmark):
                     out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(hp), "-t",
                                           str(SECONDS), "-J"], capture_output=True, text=True,
                                          check=True, timeout=120).stdout
-                    results[tool] = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+                    bps = json.loads(out)["end"]["sum_received"]["bits_per_second"]
+                    results[tool] = max(results[tool], bps / 1e6)
                 finally:
                     server.kill()
                     server.wait()
 
-    benchmark.pedantic(once, rounds=1, iterations=1)
-    record("port forward throughput host_to_ns", "Gbit/s", pyhv=results["pyhv"],
+    benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
+    record("port forward throughput host_to_ns", "Mbit/s", pyhv=results["pyhv"],
            anchor=results["slirp4netns"], anchor_name="slirp4netns port forwarding",
            target=1.5, pasta=results["pasta"])

@@ -103,3 +103,31 @@ def test_fragment_table_is_bounded():
     for i in range(10):
         frags.add(fragments(b"f" * 40, [(0, 16, 1)], ident=i)[0])
     assert len(frags.partial) == 4 and frags.dropped == 6
+
+
+def test_resolv_conf_is_reread_when_it_changes(tmp_path):
+    import os
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# test\nnameserver 10.1.1.1\nnameserver fe80::1\n")
+    dns = Dns(NetConfig(resolv_conf=str(conf)))
+    assert dns.upstreams() == [("10.1.1.1", 53)]
+    conf.write_text("nameserver 10.2.2.2\n")
+    os.utime(conf, (1, 1))                                 # a different mtime, surely
+    assert dns.upstreams() == [("10.2.2.2", 53)]
+    assert Dns(NetConfig(dns_upstream=[("10.3.3.3", 5353)])).upstreams() == [("10.3.3.3",
+                                                                                5353)]
+
+
+def test_host_targets_and_no_host_loopback():
+    from pyhv.net.config import ip
+    from pyhv.net.ports import FramePort
+    from pyhv.net.stack import Stack
+
+    stack = Stack(NetConfig(), FramePort())
+    assert stack.host_target(ip("192.168.65.254"), 80, "tcp") == ("127.0.0.1", 80)
+    assert stack.host_target(ip("192.168.65.7"), 80, "tcp") is None      # inside the subnet
+    assert stack.host_target(ip("224.0.0.1"), 80, "udp") is None
+    assert stack.host_target(ip("93.184.216.34"), 443, "tcp") == ("93.184.216.34", 443)
+    off = Stack(NetConfig(host_loopback=None), FramePort())
+    assert off.host_target(ip("192.168.65.254"), 80, "tcp") is None
