@@ -88,7 +88,7 @@ class DataOps:
         if write_flags & fp.WRITE_KILL_SUIDGID:
             kill_suidgid(h.fd)
         n = os.pwrite(h.fd, data, offset)
-        self._stamp(h.inode, h.fd)
+        h.written = True          # stamped at RELEASE, before the close the watch sees
         return [fp.write_reply(unique, n)]
 
     def _op_flush(self, unique, nodeid, args, ctx):
@@ -103,6 +103,8 @@ class DataOps:
         if h is not None:
             if release_flags & fp.RELEASE_FLUSH:
                 self._drop_posix_locks(h.inode, lock_owner)
+            if h.written:
+                self._stamp(h.inode, h.fd)
             os.close(h.fd)          # also drops its flock locks
         return [fp.error_reply(unique, 0)]
 

@@ -135,10 +135,10 @@ class MetaOps:
             return
         hu = self.idmap.uid.to_host(ctx[0])
         hg = self.idmap.gid.to_host(ctx[1])
+        if hu in (0, UNCHANGED) and hg in (0, UNCHANGED):
+            return                          # created as root already
         if fp.lstat_at(parent.fd, b"").mode & st_.S_ISGID:
             hg = UNCHANGED                  # setgid directory: its group wins
-        if hu in (0, UNCHANGED) and hg in (0, UNCHANGED):
-            return
         fp.chown_fd(fd, hu, hg)
         if mode & 0o6000 and not st_.S_ISDIR(mode) and not st_.S_ISLNK(mode):
             os.chmod(f"/proc/self/fd/{fd}", st_.S_IMODE(mode))   # chown cleared them

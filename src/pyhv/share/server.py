@@ -38,11 +38,12 @@ MODIFYING = frozenset({fp.SETATTR, fp.SYMLINK, fp.MKNOD, fp.MKDIR, fp.UNLINK, fp
 class Handle:
     """An open file or directory: a real descriptor (not O_PATH) and the inode it is on."""
 
-    __slots__ = ("fd", "inode", "lock")
+    __slots__ = ("fd", "inode", "lock", "written")
 
     def __init__(self, fd: int, inode: Inode, locked: bool = False):
         self.fd = fd
         self.inode = inode
+        self.written = False
         self.lock = threading.Lock() if locked else None
 
 

@@ -2,10 +2,14 @@
 up, turned into FUSE notifications (cache modes auto and always).
 
 A name created, deleted or moved in a watched directory -> INVAL_ENTRY (the client drops the
-cached name, so the next access looks it up again); a file's data or attributes changed ->
-INVAL_INODE (cached attributes and pages dropped). Events are read by one thread, coalesced
-per read, and sent from that thread, never from inside a request (a notification about a
-directory whose lock a request holds would deadlock).
+cached name, so the next access looks it up again); a file closed after writing, or its
+attributes changed -> INVAL_INODE (cached attributes and pages dropped). Data changes are
+taken at close (IN_CLOSE_WRITE), not per write(2): a host program that keeps a file open
+while writing shows its writes after the attribute timeout or its close. The server's own
+changes are recognised (expected names; the inode's (ctime, mtime, size) after our last
+change) and not echoed back, so client caches survive the client's own work. Events are read
+by one thread, coalesced per read, and sent from that thread, never from inside a request (a
+notification about a directory whose lock a request holds would deadlock).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW = 0x400, 0x800, 0x8000, 
 IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x1000000, 0x2000000, 0x4000000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 NAME_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-DATA_EVENTS = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
+DATA_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE
 MASK = NAME_EVENTS | DATA_EVENTS | IN_ONLYDIR | IN_EXCL_UNLINK
 
 
