@@ -115,6 +115,29 @@ def reset(host: str, port: str) -> None:
         print(errno.errorcode.get(e.errno, str(e)))
 
 
+def flood(host: str, port: str, seconds: str) -> None:
+    """Send as fast as possible to a host socket that never reads; print bytes sent."""
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.settimeout(float(seconds))
+    sent = 0
+    try:
+        while True:
+            sent += s.send(b"z" * 65536)
+    except TimeoutError:
+        pass
+    print(sent)
+
+
+def sink(host: str, port: str, seconds: str) -> None:
+    """Connect and do not read for a while (the host floods us); print nothing."""
+    import time
+
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    time.sleep(float(seconds))
+    print("done")
+
+
 def serve_peer(port: str) -> None:
     """Tell each client the address it came from, then echo (a port-forward target)."""
     srv = socket.create_server(("0.0.0.0", int(port)), backlog=128, reuse_port=True)

@@ -290,3 +290,58 @@ def test_iperf3_both_directions(ns):
             assert json.loads(out)["end"]["sum_received"]["bytes"] > 0
         finally:
             server.wait(timeout=30)
+
+
+def test_memory_stays_bounded_when_peers_stop_reading(ns):
+    """A host socket that never reads, and a guest that never reads: pyhv's buffers for
+    each flow stay within tcp_rcv_buffer / tcp_snd_buffer (+ one host read)."""
+    cap = 1 << 20
+    quiet = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.append(quiet.accept()), daemon=True).start()
+    sent = int(ns.client("flood", ALIAS, str(quiet.getsockname()[1]), "3"))
+    tcp = ns.stats()["tcp"]
+    assert sent > cap                          # the guest got far, the kernel buffers too
+    assert 0 < tcp["buffered_to_host_max"] <= cap
+    loud = socket.create_server(("127.0.0.1", 0))
+
+    def flood_guest():
+        c, _ = loud.accept()
+        held.append(c)
+        c.settimeout(10)
+        try:
+            while True:
+                c.sendall(b"y" * 65536)
+        except OSError:
+            pass
+
+    threading.Thread(target=flood_guest, daemon=True).start()
+    sink = ns.popen(ns_python(), ns_client_path(), "sink", ALIAS,
+                    str(loud.getsockname()[1]), "4", stdout=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            tcp = ns.stats()["tcp"]
+            if tcp["buffered_to_guest_max"] >= cap:
+                break
+            threading.Event().wait(0.05)
+        assert cap <= tcp["buffered_to_guest_max"] <= cap + (256 << 10)
+    finally:
+        sink.wait(timeout=30)
+        for c in held:
+            (c[0] if isinstance(c, tuple) else c).close()
+        quiet.close()
+        loud.close()
+
+
+def test_ttl_expiry_and_echo_to_a_host_address(ns):
+    """traceroute's first probe expires at pyhv (ICMP time exceeded from the gateway);
+    an echo to one of the host's own addresses goes out through an ICMP socket."""
+    out = ns.run("busybox", "traceroute", "-n", "-m", "1", "-w", "2", "-q", "1", "203.0.113.9",
+                 check=False).stdout
+    assert GW in out
+    addrs = [a for a in subprocess.run(["hostname", "-I"], capture_output=True,
+                                       text=True).stdout.split() if "." in a]
+    if not addrs:
+        pytest.skip("the host has no non-loopback IPv4 address to ping")
+    out = ns.run("busybox", "ping", "-c", "2", "-W", "5", addrs[0], check=False).stdout
+    assert "2 packets received" in out, out

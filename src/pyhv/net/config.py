@@ -2,7 +2,8 @@
 
 Memory bounds (documented in README): per TCP flow at most `tcp_rcv_buffer` bytes from the
 guest not yet taken by the host socket (its write buffer plus out-of-order data) and
-`tcp_snd_buffer` bytes from the host not yet acknowledged by the guest; at most
+`tcp_snd_buffer` bytes (plus one host read, <= 256 KiB) from the host not yet acknowledged
+by the guest; at most
 `max_tcp_flows` flows, `max_udp_flows` UDP flows with `udp_queue` datagrams queued each while
 their socket opens, and `max_fragments` partial datagrams of at most 64 KiB.
 """

@@ -120,6 +120,12 @@ class Stack:
 
     def ip(self, pkt) -> None:
         self.learn(pkt)
+        if pkt.ttl <= 1 and pkt.dst != self.cfg.gw:      # we are a hop: it expires here
+            self.counters["dropped: ttl expired"] += 1
+            if pkt.dst >> 28 != 14 and pkt.dst != 0xFFFFFFFF and pkt.dst != self.cfg.broadcast:
+                head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
+                self.send([self.builder.icmp(self.cfg.gw, pkt.src, 11, 0, 0, head)])
+            return
         proto = pkt.proto
         if proto == 6:
             self.tcp.segment(pkt)

@@ -164,8 +164,15 @@ class TcpNat:
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
 
     def stats(self) -> dict:
-        states = Counter(STATES[c.state] for c in self.conns.values())
-        return {"flows": len(self.conns), "connecting": self.connecting, "states": states}
+        conns = list(self.conns.values())
+        states = Counter(STATES[c.state] for c in conns)
+        to_host = [c.transport.get_write_buffer_size() + (c.reasm.pending if c.reasm else 0)
+                   if c.transport else 0 for c in conns]
+        to_guest = [len(c.sndbuf) for c in conns]
+        return {"flows": len(conns), "connecting": self.connecting, "states": states,
+                "buffered_to_host": sum(to_host), "buffered_to_host_max": max(to_host or [0]),
+                "buffered_to_guest": sum(to_guest),
+                "buffered_to_guest_max": max(to_guest or [0])}
 
     def close(self) -> None:
         self.closing = True
