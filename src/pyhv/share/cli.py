@@ -35,6 +35,7 @@ def register(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
+    import resource
     import signal
 
     from pyhv.share.devfuse import DevFuse
@@ -50,6 +51,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise PyhvError("--threads must be at least 1")
     os.umask(0)       # the client applies the caller's umask; modes arrive final
+    # every inode the client holds is an O_PATH descriptor: 1024 is far too few (as virtiofsd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     opts = ShareOptions(os.path.abspath(args.hostdir), cache=args.cache,
                         readonly=args.readonly, writeback=args.writeback,
                         allow_devices=args.allow_devices,
