@@ -184,9 +184,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert done.returncode == 2
 
 
-def test_qemu_guest_over_stream():
-    pytest.skip("needs the default guest from issue 6 (kernel + initramfs with udhcpc/wget); "
-                "the stream transport is tested with Linux's stack via a TAP bridge above")
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no qemu-system-x86_64")
+def test_qemu_guest_over_stream(tmp_path, files):
+    """The default guest under QEMU (TCG), `-netdev stream` to `pyhv net serve --stream`:
+    it gets its DHCP lease and fetches a file over HTTP from the host."""
+    try:
+        from tests.helpers.guest import run_guest
+    except ImportError as e:
+        pytest.skip(f"the default-guest harness is not available: {e}")
+    sock = tmp_path / "net.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "pyhv", "net", "serve", "--stream",
+                              str(sock)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert "ready" in serve.stdout.readline()
+        url, digest = files
+        result = run_guest(["sh", "-c", f"ip -4 addr show eth0; wget -qO- {url} | sha256sum"],
+                           qemu_args=["-netdev", f"stream,id=n0,server=off,addr.type=unix,"
+                                      f"addr.path={sock}", "-device", "virtio-net-pci,netdev=n0"],
+                           timeout=300)
+        assert result.status == 0, result.output[-2000:]
+        assert "inet 192.168.65.2/24" in result.output
+        assert digest in result.output
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)
 
 
 
