@@ -210,3 +210,37 @@ def test_stray_segments_get_rst_and_half_close():
             await guest.expect(lambda p: p.flags & n.FIN)
 
     run(body)
+
+
+def test_syn_flood_to_a_black_hole_does_not_stall_other_connects():
+    """Connects in flight are limited per destination: a flood of SYNs to a destination
+    that never answers fills its quota only; a connect elsewhere still completes."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):                        # fill the accept queue: further SYNs vanish
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(hole.getsockname())
+        fillers.append(c)
+
+    async def body(guest, stack, received, writers, eof):
+        b, hp = guest.b, hole.getsockname()[1]
+        for i in range(200):
+            stack.receive([bytes(b.tcp(guest.me, 20000 + i, guest.peer, hp, i, 0, n.SYN,
+                                       1000, mss=1460))])
+        assert stack.tcp.connecting == 8
+        assert stack.counters["tcp syn dropped: connects in flight"] == 192
+        await guest.handshake()               # another destination: not held up
+        guest.send(n.ACK | n.PSH, b"still works")
+        await settle(lambda: bytes(received) == b"still works")
+
+    try:
+        run(body, max_connecting_per_dest=8, connect_timeout=30)
+    finally:
+        for c in fillers:
+            c.close()
+        hole.close()
