@@ -8,29 +8,17 @@ OSError carrying EINVAL, ENAMETOOLONG, ... and the request's `unique` when it wa
 and never reads past the buffer. Encoders build whole replies (`*_reply`, header included)
 or, for data replies, the 16-byte `header()` to send before the data.
 
-The module also holds the per-entry loops the server must not run in Python: directory
-listings packed as fuse_dirent / fuse_direntplus records straight from getdents64, stat with
-nanosecond times, openat2 lookups that cannot leave their directory, inotify record decoding.
+Attributes are encoded from `hvcore.fsops.Stat` (fstatat with nanosecond times); the
+system calls themselves (lookups, listings, handles, ...) live in `hvcore.fsops`.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.errno cimport errno, EINVAL, ENAMETOOLONG, ENOSYS, E2BIG, ERANGE
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free
-from libc.string cimport memchr, memcpy, memset, strlen
-from posix.unistd cimport lseek
+from libc.errno cimport EINVAL, ENAMETOOLONG, E2BIG, ERANGE
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memchr, memcpy, memset
 
 from hvcore.includes.fuse cimport *
-from hvcore.includes.dirent cimport dirent64, getdents64
-from hvcore.includes.inotify cimport inotify_event
-from hvcore.includes.openat2 cimport (open_how, syscall, SYS_openat2, RESOLVE_BENEATH,
-                                      RESOLVE_NO_SYMLINKS, RESOLVE_NO_MAGICLINKS)
-from hvcore.includes.stat cimport stat, fstatat
-from hvcore.includes.fcntl cimport (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, openat,
-                                    fchownat, fallocate)
-from hvcore.includes.stdio cimport renameat2
-
-import os as _os
+from hvcore.fsops cimport Stat
 
 KERNEL_MINOR = FUSE_KERNEL_MINOR_VERSION
 ROOT_ID = FUSE_ROOT_ID
@@ -322,51 +310,6 @@ cdef inline void split_time(double seconds, uint64_t *sec, uint32_t *nsec) noexc
     nsec[0] = <uint32_t>((seconds - <double>sec[0]) * 1e9)
 
 
-cdef class Stat:
-    """struct stat of one host inode (from `lstat_at`), nanosecond times kept for replies."""
-    cdef stat st
-
-    def __init__(self):
-        raise TypeError("Stat objects come from lstat_at()")
-
-    @property
-    def dev(self): return self.st.st_dev
-    @property
-    def ino(self): return self.st.st_ino
-    @property
-    def mode(self): return self.st.st_mode
-    @property
-    def uid(self): return self.st.st_uid
-    @property
-    def gid(self): return self.st.st_gid
-    @property
-    def size(self): return self.st.st_size
-    @property
-    def nlink(self): return self.st.st_nlink
-    @property
-    def rdev(self): return self.st.st_rdev
-    @property
-    def mtime_ns(self): return self.st.st_mtim.tv_sec * 1000000000 + self.st.st_mtim.tv_nsec
-    @property
-    def stamp(self):
-        """(ctime, mtime, size): changes whenever anyone changes the inode."""
-        return (self.st.st_ctim.tv_sec * 1000000000 + self.st.st_ctim.tv_nsec,
-                self.st.st_mtim.tv_sec * 1000000000 + self.st.st_mtim.tv_nsec, self.st.st_size)
-
-
-def lstat_at(int dirfd, bytes name not None) -> Stat:
-    """fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW); b"" stats dirfd itself (AT_EMPTY_PATH)."""
-    cdef Stat s = Stat.__new__(Stat)
-    cdef const char *p = name
-    cdef int flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if len(name) == 0 else 0)
-    cdef int rc
-    with nogil:
-        rc = fstatat(dirfd, p, &s.st, flags)
-    if rc < 0:
-        raise OSError(errno, _os.strerror(errno))
-    return s
-
-
 cdef void fill_attr(fuse_attr *a, Stat s, uint32_t uid, uint32_t gid) noexcept:
     a.ino = s.st.st_ino
     a.size = s.st.st_size
@@ -549,108 +492,11 @@ def notify_delete(uint64_t parent, uint64_t child, bytes name not None) -> bytes
 
 
 # ---------------------------------------------------------------------------------------------
-# Directory listings: getdents64 records packed straight into FUSE records.
-
-DEF DENTS_BUF = 32768
+# READDIRPLUS payloads (the entries come from fsops.list_dir).
 
 
 cdef inline size_t align8(size_t n) noexcept nogil:
     return (n + 7) & ~<size_t>7
-
-
-def read_dir(int fd, int64_t offset, uint32_t size) -> bytes:
-    """READDIR payload: fuse_dirent records from `offset` (a d_off cookie) filling at most
-    `size` bytes; each record's `off` is the cookie of the entry after it."""
-    cdef char *out = <char *>malloc(size if size else 1)
-    cdef char *dents = <char *>malloc(DENTS_BUF)
-    cdef size_t used = 0, rec
-    cdef ssize_t n = 0, pos
-    cdef int err = 0
-    cdef size_t namelen
-    cdef dirent64 *d
-    cdef fuse_dirent *fd_out
-    cdef bint full = False
-    if out == NULL or dents == NULL:
-        free(out)
-        free(dents)
-        raise MemoryError()
-    with nogil:
-        if lseek(fd, offset, 0) < 0:
-            err = errno
-        while not err and not full:
-            n = getdents64(fd, dents, DENTS_BUF)
-            if n < 0:
-                err = errno
-            if n <= 0:
-                break
-            pos = 0
-            while pos < n:
-                d = <dirent64 *>(dents + pos)
-                if d.d_reclen == 0 or pos + d.d_reclen > n:
-                    break
-                namelen = strlen(d.d_name)
-                rec = align8(FUSE_NAME_OFFSET + namelen)
-                if used + rec > size:
-                    full = True
-                    break
-                fd_out = <fuse_dirent *>(out + used)
-                memset(fd_out, 0, rec)
-                fd_out.ino = d.d_ino
-                fd_out.off = <uint64_t>d.d_off
-                fd_out.namelen = <uint32_t>namelen
-                fd_out.type = d.d_type
-                memcpy(out + used + FUSE_NAME_OFFSET, d.d_name, namelen)
-                used += rec
-                pos += d.d_reclen
-    free(dents)
-    try:
-        if err:
-            raise OSError(err, _os.strerror(err))
-        return PyBytes_FromStringAndSize(out, used)
-    finally:
-        free(out)
-
-
-def list_dir(int fd, int64_t offset, uint32_t size) -> list:
-    """READDIRPLUS entries from `offset` that fit in `size` bytes as fuse_direntplus records:
-    [(name, d_ino, d_type, d_off), ...]. The caller looks each one up, then packs them."""
-    cdef char *dents = <char *>malloc(DENTS_BUF)
-    cdef size_t used = 0, rec
-    cdef ssize_t n = 0, pos
-    cdef int err = 0
-    cdef dirent64 *d
-    cdef bint full = False
-    result = []
-    if dents == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            if lseek(fd, offset, 0) < 0:
-                err = errno
-        while not err and not full:
-            with nogil:
-                n = getdents64(fd, dents, DENTS_BUF)
-                if n < 0:
-                    err = errno
-            if n <= 0:
-                break
-            pos = 0
-            while pos < n:
-                d = <dirent64 *>(dents + pos)
-                if d.d_reclen == 0 or pos + d.d_reclen > n:
-                    break
-                rec = align8(FUSE_NAME_OFFSET_DIRENTPLUS + strlen(d.d_name))
-                if used + rec > size:
-                    full = True
-                    break
-                used += rec
-                result.append((<bytes>d.d_name, d.d_ino, d.d_type, d.d_off))
-                pos += d.d_reclen
-        if err:
-            raise OSError(err, _os.strerror(err))
-        return result
-    finally:
-        free(dents)
 
 
 cdef class DirentPlus:
@@ -680,89 +526,3 @@ cdef class DirentPlus:
 
     def data(self) -> bytearray:
         return self.buf
-
-
-# ---------------------------------------------------------------------------------------------
-# Lookups that stay inside their directory, ownership of O_PATH descriptors, inotify records.
-
-cdef int _have_openat2 = 1
-
-
-def open_beneath(int dirfd, bytes name not None, int flags, int mode=0) -> int:
-    """openat2(dirfd, name, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): nothing outside
-    dirfd can be reached, no symlink is followed (a trailing one with O_PATH|O_NOFOLLOW gives
-    the link itself). Falls back to openat(O_NOFOLLOW) on kernels without openat2."""
-    global _have_openat2
-    cdef open_how how
-    cdef const char *p = name
-    cdef long fd = -1
-    cdef int err = 0
-    memset(&how, 0, sizeof(how))
-    how.flags = <uint64_t>(flags | O_NOFOLLOW)
-    how.mode = <uint64_t>mode if flags & _os.O_CREAT else 0
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-    with nogil:
-        if _have_openat2:
-            fd = syscall(SYS_openat2, dirfd, p, &how, sizeof(how))
-            if fd < 0:
-                err = errno
-                if err == ENOSYS:
-                    _have_openat2 = 0
-        if not _have_openat2:
-            fd = openat(dirfd, p, flags | O_NOFOLLOW, mode)
-            err = errno if fd < 0 else 0
-    if fd < 0:
-        raise OSError(err, _os.strerror(err))
-    return fd
-
-
-def chown_fd(int fd, uint32_t uid, uint32_t gid) -> None:
-    """fchownat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW): works on O_PATH descriptors and
-    changes a symlink itself. -1 (0xffffffff) leaves that id unchanged."""
-    cdef int rc
-    with nogil:
-        rc = fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
-    if rc < 0:
-        raise OSError(errno, _os.strerror(errno))
-
-
-def rename_at(int olddirfd, bytes old not None, int newdirfd, bytes new not None,
-              unsigned int flags) -> None:
-    """renameat2(2): flags RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2)."""
-    cdef const char *o = old
-    cdef const char *n = new
-    cdef int rc
-    with nogil:
-        rc = renameat2(olddirfd, o, newdirfd, n, flags)
-    if rc < 0:
-        raise OSError(errno, _os.strerror(errno))
-
-
-def fallocate_fd(int fd, int mode, int64_t offset, int64_t length) -> None:
-    """fallocate(2) with its mode bits (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
-    cdef int rc
-    with nogil:
-        rc = fallocate(fd, mode, offset, length)
-    if rc < 0:
-        raise OSError(errno, _os.strerror(errno))
-
-
-def inotify_events(buf) -> list:
-    """Decode a read() from an inotify descriptor: [(wd, mask, cookie, name), ...]."""
-    cdef const uint8_t[::1] view = buf
-    cdef Py_ssize_t n = view.shape[0], pos = 0
-    cdef const inotify_event *ev
-    cdef size_t hdr = sizeof(inotify_event)
-    result = []
-    while pos + <Py_ssize_t>hdr <= n:
-        ev = <const inotify_event *>&view[pos]
-        if pos + <Py_ssize_t>hdr + ev.len > n:
-            break
-        if ev.len:
-            namelen = strlen(ev.name) if memchr(ev.name, 0, ev.len) != NULL else ev.len
-            name = PyBytes_FromStringAndSize(ev.name, namelen)
-        else:
-            name = b""
-        result.append((ev.wd, ev.mask, ev.cookie, name))
-        pos += hdr + ev.len
-    return result

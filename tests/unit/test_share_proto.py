@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from tests.helpers.share_proto import IN_HEADER, request
 
@@ -79,7 +80,7 @@ def test_read_dir_packs_fuse_dirents(tmp_path):
     try:
         names, offset = [], 0
         while True:
-            data = fp.read_dir(fd, offset, 512)        # small pages: many continuations
+            data = fs.read_dir(fd, offset, 512)        # small pages: many continuations
             if not data:
                 break
             pos = 0

@@ -8,6 +8,7 @@ import errno
 import os
 import stat as st_
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from pyhv.share.meta import kill_suidgid
 
@@ -52,7 +53,7 @@ class DataOps:
         parent = self.inodes.get(nodeid)
         flags = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
         self._expect(parent, name)
-        fd = fp.open_beneath(parent.fd, name, flags, st_.S_IMODE(mode))
+        fd = fs.open_beneath(parent.fd, name, flags, st_.S_IMODE(mode))
         try:
             pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
         except OSError:
@@ -60,7 +61,7 @@ class DataOps:
             raise
         try:
             self._chown_created(pfd, parent, ctx, mode)
-            s = fp.lstat_at(pfd, b"")
+            s = fs.lstat_at(pfd, b"")
         except OSError:
             os.close(pfd)
             os.close(fd)
@@ -119,7 +120,7 @@ class DataOps:
         if offset > MAX_OFFSET or length > MAX_OFFSET or length == 0:
             raise OSError(errno.EINVAL, f"fallocate {offset}+{length}")
         h = self._handle(fh)
-        fp.fallocate_fd(h.fd, mode, offset, length)
+        fs.fallocate_fd(h.fd, mode, offset, length)
         self._stamp(h.inode, h.fd)
         return [fp.error_reply(unique, 0)]
 

@@ -15,6 +15,7 @@ import stat as st_
 import threading
 from dataclasses import dataclass, field
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -50,7 +51,7 @@ class Inode:
 class InodeTable:
     def __init__(self, root: str):
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        s = fp.lstat_at(fd, b"")
+        s = fs.lstat_at(fd, b"")
         self.root = Inode(fp.ROOT_ID, fd, s.dev, s.ino, st_.S_IFDIR, nlookup=1 << 62)
         self._by_id: dict[int, Inode] = {fp.ROOT_ID: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {(s.dev, s.ino): self.root}
@@ -80,7 +81,7 @@ class InodeTable:
                 os.close(fd)
                 raise OSError(errno.EACCES, "'..' leads outside the share")
             return fd
-        return fp.open_beneath(parent.fd, name, O_PATH_FLAGS)
+        return fs.open_beneath(parent.fd, name, O_PATH_FLAGS)
 
     def _inside(self, fd: int) -> bool:
         """Whether a directory descriptor is the root or below it (walks '..' upwards)."""
@@ -101,17 +102,17 @@ class InodeTable:
         finally:
             os.close(cur)
 
-    def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, fp.Stat]:
+    def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, fs.Stat]:
         """Resolve one component and count one lookup (the client will FORGET it)."""
         fd = self.open_child(parent, name)
         try:
-            s = fp.lstat_at(fd, b"")
+            s = fs.lstat_at(fd, b"")
         except OSError:
             os.close(fd)
             raise
         return self.adopt(fd, s), s
 
-    def adopt(self, fd: int, s: fp.Stat) -> Inode:
+    def adopt(self, fd: int, s: fs.Stat) -> Inode:
         """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup)."""
         key = (s.dev, s.ino)
         new = None

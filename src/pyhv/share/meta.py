@@ -9,6 +9,7 @@ import os
 import stat as st_
 import time
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from pyhv.share.idmap import UNCHANGED
 
@@ -41,7 +42,7 @@ class MetaOps:
 
     def _op_getattr(self, unique, nodeid, args, ctx):
         node = self.inodes.get(nodeid)
-        return self._attr(unique, fp.lstat_at(node.fd, b""), ctx)
+        return self._attr(unique, fs.lstat_at(node.fd, b""), ctx)
 
     def _op_setattr(self, unique, nodeid, args, ctx):
         valid, fh, size, _owner, atime, atimens, mtime, mtimens, mode, uid, gid = args
@@ -55,7 +56,7 @@ class MetaOps:
         if valid & (FA["UID"] | FA["GID"]):
             hu = self.idmap.uid.to_host(uid) if valid & FA["UID"] else UNCHANGED
             hg = self.idmap.gid.to_host(gid) if valid & FA["GID"] else UNCHANGED
-            fp.chown_fd(node.fd, hu, hg)     # the host kernel clears setuid/setgid itself
+            fs.chown_fd(node.fd, hu, hg)     # the host kernel clears setuid/setgid itself
         if valid & FA["SIZE"]:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "truncate of a directory")
@@ -66,7 +67,7 @@ class MetaOps:
                 kill_suidgid(fd if fd is not None else path)
         if valid & (FA["ATIME"] | FA["MTIME"]):
             self._utimes(node, valid, atime, atimens, mtime, mtimens)
-        s = fp.lstat_at(node.fd, b"")
+        s = fs.lstat_at(node.fd, b"")
         self._stamp(node, s=s)
         return self._attr(unique, s, ctx)
 
@@ -101,7 +102,7 @@ class MetaOps:
 
     def _op_access(self, unique, nodeid, args, ctx):
         mask = args[0]
-        s = fp.lstat_at(self.inodes.get(nodeid).fd, b"")
+        s = fs.lstat_at(self.inodes.get(nodeid).fd, b"")
         if mask & os.W_OK and self.opts.readonly:
             raise OSError(errno.EROFS, "read-only share")
         uid, gid = self._ids_out(s, ctx)
@@ -121,7 +122,7 @@ class MetaOps:
         fd = self.inodes.open_child(parent, name)
         try:
             self._chown_created(fd, parent, ctx, mode)
-            s = fp.lstat_at(fd, b"")
+            s = fs.lstat_at(fd, b"")
         except OSError:
             os.close(fd)
             raise
@@ -137,9 +138,9 @@ class MetaOps:
         hg = self.idmap.gid.to_host(ctx[1])
         if hu in (0, UNCHANGED) and hg in (0, UNCHANGED):
             return                          # created as root already
-        if fp.lstat_at(parent.fd, b"").mode & st_.S_ISGID:
+        if fs.lstat_at(parent.fd, b"").mode & st_.S_ISGID:
             hg = UNCHANGED                  # setgid directory: its group wins
-        fp.chown_fd(fd, hu, hg)
+        fs.chown_fd(fd, hu, hg)
         if mode & 0o6000 and not st_.S_ISDIR(mode) and not st_.S_ISLNK(mode):
             os.chmod(f"/proc/self/fd/{fd}", st_.S_IMODE(mode))   # chown cleared them
 
@@ -198,7 +199,7 @@ class MetaOps:
         src, dst = self.inodes.get(nodeid), self.inodes.get(newdir)
         self._expect(src, old)
         self._expect(dst, new)
-        fp.rename_at(src.fd, old, dst.fd, new, flags)
+        fs.rename_at(src.fd, old, dst.fd, new, flags)
         return [fp.error_reply(unique, 0)]
 
     _op_rename2 = _op_rename
@@ -260,7 +261,7 @@ class MetaOps:
         fh, offset, size = args[0], args[1], args[2]
         h = self._handle(fh)
         with h.lock:
-            data = fp.read_dir(h.fd, offset, min(size, self.opts.max_write))
+            data = fs.read_dir(h.fd, offset, min(size, self.opts.max_write))
         return [fp.header(unique, len(data)), data]
 
     def _op_readdirplus(self, unique, nodeid, args, ctx):
@@ -269,7 +270,7 @@ class MetaOps:
         out = fp.DirentPlus()
         p = self.policy
         with h.lock:
-            entries = fp.list_dir(h.fd, offset, min(size, self.opts.max_write))
+            entries = fs.list_dir(h.fd, offset, min(size, self.opts.max_write))
         for name, ino, dtype, off in entries:
             if name == b"." or name == b"..":
                 out.add(name, ino, dtype, off, 0, None, 0, 0, 0.0, 0.0)

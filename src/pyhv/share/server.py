@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from pyhv.share.data import DataOps
 from pyhv.share.inodes import Inode, InodeTable
@@ -126,26 +127,26 @@ class FuseServer(MetaOps, DataOps, LockOps):
         if self.watching:
             self.expected[(parent.nodeid, name)] = time.monotonic()
 
-    def _stamp(self, node: Inode, fd: int | None = None, s: fp.Stat | None = None) -> None:
+    def _stamp(self, node: Inode, fd: int | None = None, s: fs.Stat | None = None) -> None:
         """Remember the inode as our last change left it (the watch ignores that state)."""
         if self.watching:
             try:
-                node.stamp = (s or fp.lstat_at(node.fd if fd is None else fd, b"")).stamp
+                node.stamp = (s or fs.lstat_at(node.fd if fd is None else fd, b"")).stamp
             except OSError:
                 pass
 
-    def _ids_out(self, s: fp.Stat, ctx: tuple) -> tuple[int, int]:
+    def _ids_out(self, s: fs.Stat, ctx: tuple) -> tuple[int, int]:
         if self.idmap.identity:
             return s.uid, s.gid
         return self.idmap.uid.to_guest(s.uid, ctx[0]), self.idmap.gid.to_guest(s.gid, ctx[1])
 
-    def _entry(self, unique: int, node: Inode, s: fp.Stat, ctx: tuple) -> list:
+    def _entry(self, unique: int, node: Inode, s: fs.Stat, ctx: tuple) -> list:
         uid, gid = self._ids_out(s, ctx)
         p = self.policy
         return [fp.entry_reply(unique, node.nodeid, 0, s, uid, gid, p.entry_timeout,
                                p.attr_timeout)]
 
-    def _attr(self, unique: int, s: fp.Stat, ctx: tuple) -> list:
+    def _attr(self, unique: int, s: fs.Stat, ctx: tuple) -> list:
         uid, gid = self._ids_out(s, ctx)
         return [fp.attr_reply(unique, s, uid, gid, self.policy.attr_timeout)]
 

@@ -22,6 +22,7 @@ import select
 import threading
 import time
 
+from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 
 log = logging.getLogger("pyhv.share")
@@ -96,7 +97,7 @@ class HostWatch:
                     continue
                 log.warning("host watch: %s", e)
                 return
-            self._dispatch(fp.inotify_events(data))
+            self._dispatch(fs.inotify_events(data))
 
     def _dispatch(self, events: list) -> None:
         entries: dict[tuple[int, bytes], None] = {}
@@ -113,7 +114,7 @@ class HostWatch:
                     entries[key] = None
             if mask & DATA_EVENTS:
                 try:
-                    s = fp.lstat_at(parent.fd, name)
+                    s = fs.lstat_at(parent.fd, name)
                 except OSError:
                     continue
                 node = self.server.inodes.find(s.dev, s.ino)

@@ -1,0 +1,6 @@
+# hvcore.fsops: what other hvcore modules cimport (the reply encoders read Stat's struct).
+from hvcore.includes.stat cimport stat
+
+
+cdef class Stat:
+    cdef stat st
