@@ -10,7 +10,7 @@ raises OSError with the errno text after taking it back.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno, ENOSYS
+from libc.errno cimport errno, EINVAL, ENOSYS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memchr, memcpy, memset, strlen
@@ -26,6 +26,8 @@ from hvcore.includes.stat cimport fstatat
 from hvcore.includes.fcntl cimport (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, openat,
                                     fchownat, fallocate)
 from hvcore.includes.stdio cimport renameat2
+from hvcore.includes.fhandle cimport (file_handle, MAX_HANDLE_SZ, name_to_handle_at,
+                                      open_by_handle_at)
 
 import os as _os
 
@@ -242,6 +244,57 @@ def fallocate_fd(int fd, int mode, int64_t offset, int64_t length) -> None:
         rc = fallocate(fd, mode, offset, length)
     if rc < 0:
         raise OSError(errno, _os.strerror(errno))
+
+
+# ---------------------------------------------------------------------------------------------
+# File handles: an inode named without a descriptor (virtiofsd --inode-file-handles).
+
+DEF HANDLE_MAX = 128           # MAX_HANDLE_SZ
+DEF HANDLE_HEADER = 8          # struct file_handle before f_handle
+DEF HANDLE_WORDS = 17          # (HANDLE_HEADER + HANDLE_MAX) / 8
+HANDLE_SIZE_MAX = HANDLE_HEADER + HANDLE_MAX
+
+
+def handle_of(int fd) -> tuple:
+    """name_to_handle_at(fd, "", AT_EMPTY_PATH): `(mount_id, handle)` of the inode an (O_PATH)
+    descriptor is on; `handle` is the whole struct file_handle, for `open_by_handle`."""
+    cdef uint64_t buf[HANDLE_WORDS]
+    cdef file_handle *h = <file_handle *>buf
+    cdef int mount_id = 0, rc, err = 0
+    assert MAX_HANDLE_SZ == HANDLE_MAX
+    h.handle_bytes = HANDLE_MAX
+    with nogil:
+        rc = name_to_handle_at(fd, "", h, &mount_id, AT_EMPTY_PATH)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        raise OSError(err, _os.strerror(err))
+    if h.handle_bytes > HANDLE_MAX:
+        raise OSError(EINVAL, f"file handle of {h.handle_bytes} bytes")
+    return mount_id, PyBytes_FromStringAndSize(<const char *>buf, HANDLE_HEADER + h.handle_bytes)
+
+
+def open_by_handle(int mount_fd, bytes handle not None, int flags) -> int:
+    """open_by_handle_at(mount_fd, handle, flags): a new descriptor on the inode `handle_of`
+    named (ESTALE once it is deleted). `mount_fd` is a descriptor (not O_PATH: the kernel
+refuses those) on the same mount."""
+    cdef uint64_t buf[HANDLE_WORDS]
+    cdef Py_ssize_t n = len(handle)
+    cdef int fd, err = 0
+    if n < HANDLE_HEADER or n > HANDLE_HEADER + HANDLE_MAX:
+        raise OSError(EINVAL, f"file handle of {n} bytes")
+    cdef unsigned int hbytes
+    memcpy(buf, <const char *>handle, n)
+    memcpy(&hbytes, buf, sizeof(hbytes))
+    if hbytes != <unsigned int>(n - HANDLE_HEADER):
+        raise OSError(EINVAL, "file handle length does not match its header")
+    with nogil:
+        fd = open_by_handle_at(mount_fd, <file_handle *>buf, flags)
+        if fd < 0:
+            err = errno
+    if fd < 0:
+        raise OSError(err, _os.strerror(err))
+    return fd
 
 
 def inotify_events(buf) -> list:

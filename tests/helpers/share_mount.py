@@ -1,14 +1,16 @@
 """Runs `pyhv share serve` in the background the way users do, and always unmounts.
 
-`ShareMount(hostdir, mountpoint, *args)` starts the server, waits until it reports ready,
-and on exit unmounts lazily (so a failing test never leaves a stuck mount), stops the
-server, and kills it if it does not stop.
+`ShareMount(hostdir, mountpoint, *args, nofile=N)` starts the server (with RLIMIT_NOFILE
+lowered to N, soft and hard, when given), waits until it reports ready, and on exit
+unmounts lazily (so a failing test never leaves a stuck mount), stops the server, and kills
+it if it does not stop.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +33,9 @@ def is_mounted(path: Path) -> bool:
 
 
 class ShareMount:
-    def __init__(self, hostdir: Path, mountpoint: Path, *args: str):
+    def __init__(self, hostdir: Path, mountpoint: Path, *args: str, nofile: int | None = None):
         self.hostdir, self.mountpoint, self.args = Path(hostdir), Path(mountpoint), args
+        self.nofile = nofile
         self.proc: subprocess.Popen | None = None
         self.log = b""
 
@@ -42,7 +45,8 @@ class ShareMount:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyhv", "share", "serve", str(self.hostdir), "--mount",
              str(self.mountpoint), "--ready-fd", str(w), *self.args],
-            pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=self._limits if self.nofile else None)
         os.close(w)
         with os.fdopen(r, "rb") as ready:
             line = ready.readline()
@@ -51,6 +55,13 @@ class ShareMount:
             err = self.proc.stderr.read().decode(errors="replace")
             raise RuntimeError(f"pyhv share serve did not start: {err}")
         return self
+
+    def _limits(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def open_fds(self) -> int:
+        """How many descriptors the server process has open now."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -238,3 +238,28 @@ def test_symlink_swaps_during_lookups_never_escape(dirs):
     assert "SECRET" not in seen
     assert sorted(os.listdir(outside)) == ["secret"]
     assert (outside / "secret").read_text() == "SECRET"
+
+
+def test_more_files_than_the_descriptor_limit(dirs):
+    """The server names inodes by file handles and caches a bounded number of descriptors, so
+    a client that walks and keeps more files than RLIMIT_NOFILE allows is served (as root;
+    a non-root server holds one descriptor per known inode)."""
+    host, mnt, _ = dirs
+    for d in range(20):
+        (host / f"d{d}").mkdir()
+        for i in range(100):
+            (host / f"d{d}" / f"f{i}").write_text(f"{d}/{i}")
+    with ShareMount(host, mnt, nofile=256) as share:
+        for _round in range(2):         # the second walk reopens evicted inodes by handle
+            seen = 0
+            for top, _subdirs, files in os.walk(mnt):
+                for name in files:
+                    p = Path(top) / name
+                    assert p.read_text() == f"{p.parent.name[1:]}/{name[1:]}"
+                    assert p.stat().st_size > 0
+                    seen += 1
+            assert seen == 2000
+            assert share.open_fds() < 256
+        (mnt / "d0" / "new").write_text("still writable")
+        assert (host / "d0" / "new").read_text() == "still writable"
+        assert share.stop() == 0

@@ -36,9 +36,16 @@ def tree(tmp_path):
     return share, outside
 
 
-@pytest.fixture
-def server(tree):
-    s = FuseServer(ShareOptions(str(tree[0])))
+@pytest.fixture(params=["handles", "handles, 1 cached fd", "descriptors"])
+def server(request, tree, monkeypatch):
+    """The server as root runs it (inodes as file handles, a descriptor cache), with a cache of
+    one descriptor (every use reopens by handle), and as a non-root server keeps them
+    (descriptors only: no CAP_DAC_READ_SEARCH)."""
+    if request.param == "descriptors":
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    s = FuseServer(ShareOptions(str(tree[0]), fd_cache=1 if "1 cached" in request.param else 0))
+    if os.getuid() == 0:
+        assert s.inodes.use_handles == (request.param != "descriptors")
     err, _, _ = reply(s.handle(init_request()))
     assert err == 0
     yield s
@@ -197,3 +204,55 @@ def test_random_requests_never_crash_or_escape(server, tree, opcode, nodeid, bod
     assert sorted(os.listdir(tree[1])) == ["secret"]
     assert (tree[1] / "secret").read_text() == "SECRET"
     assert Path(tree[1]).stat().st_nlink == 2
+
+
+def test_more_inodes_than_cached_descriptors(tree):
+    """Root names inodes by file handles: the client may know far more inodes than the
+    descriptor cache holds, and each still answers (reopened by handle)."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at needs CAP_DAC_READ_SEARCH (root)")
+    share = tree[0]
+    for i in range(300):
+        (share / f"n{i}").write_text(str(i))
+    s = FuseServer(ShareOptions(str(share), fd_cache=16))
+    try:
+        reply(s.handle(init_request()))
+        nodes = [lookup(s, f"n{i}".encode()) for i in range(300)]
+        assert all(err == 0 for err, _ in nodes)
+        assert s.inodes.cached_fds() <= 16 + 1          # + the root's own descriptor
+        for i, (_, node) in enumerate(nodes):
+            err, _, payload = call(s, fp.OPEN, OPEN_IN.pack(os.O_RDONLY, 0), nodeid=node)
+            fh = struct.unpack_from("=Q", payload)[0]
+            read = READ_IN.pack(fh, 0, 100, 0, 0, 0, 0)
+            assert call(s, fp.READ, read, nodeid=node)[::2] == (0, str(i).encode())
+            assert call(s, fp.RELEASE, struct.pack("=QIIQ", fh, 0, 0, 0), nodeid=node)[0] == 0
+            assert call(s, fp.GETATTR, bytes(16), nodeid=node)[0] == 0
+        assert s.inodes.cached_fds() <= 16 + 1
+    finally:
+        s.close()
+
+
+def test_open_file_survives_unlink_and_eviction(tree):
+    """An open file holds its inode's descriptor: after the host unlinks it (the handle is
+    stale now) and the cache turned over, the open file still reads and stats."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at needs CAP_DAC_READ_SEARCH (root)")
+    share = tree[0]
+    for i in range(40):
+        (share / f"n{i}").write_text(str(i))
+    s = FuseServer(ShareOptions(str(share), fd_cache=4))
+    try:
+        reply(s.handle(init_request()))
+        _, node = lookup(s, b"file")
+        err, _, payload = call(s, fp.OPEN, OPEN_IN.pack(os.O_RDONLY, 0), nodeid=node)
+        fh = struct.unpack_from("=Q", payload)[0]
+        os.unlink(share / "file")
+        for i in range(40):
+            lookup(s, f"n{i}".encode())
+        err, _, data = call(s, fp.READ, READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid=node)
+        assert (err, data) == (0, b"inside")
+        assert call(s, fp.GETATTR, bytes(16), nodeid=node)[0] == 0
+        assert call(s, fp.RELEASE, struct.pack("=QIIQ", fh, 0, 0, 0), nodeid=node)[0] == 0
+        assert lookup(s, b"file")[0] == -errno.ENOENT
+    finally:
+        s.close()

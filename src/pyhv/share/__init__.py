@@ -12,7 +12,8 @@ Layers, each its own module:
   buffers. `handle` is thread-safe: several transport threads may call it at once. The handler
   knows nothing of where buffers come from: `/dev/fuse` now (`devfuse`), a virtio-fs queue
   later.
-- `inodes`: every host inode the client knows is one O_PATH descriptor; lookups are single
+- `inodes`: every host inode the client knows is a file handle with its O_PATH descriptor in
+  a bounded cache (as root; otherwise one descriptor per inode); lookups are single
   components resolved with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so no request can
   reach a path outside the shared directory.
 - `meta` / `data` / `locks`: the passthrough operations (names and attributes; file data;

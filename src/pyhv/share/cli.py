@@ -51,7 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise PyhvError("--threads must be at least 1")
     os.umask(0)       # the client applies the caller's umask; modes arrive final
-    # every inode the client holds is an O_PATH descriptor: 1024 is far too few (as virtiofsd)
+    # open files are descriptors, and without CAP_DAC_READ_SEARCH (no file handles) so is
+    # every inode the client holds: 1024 is far too few (as virtiofsd)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -100,7 +100,7 @@ class DataOps:
 
     def _op_release(self, unique, nodeid, args, ctx):
         fh, _flags, release_flags, lock_owner = args
-        h = self.handles.pop(fh, None)
+        h = self._drop_handle(fh)
         if h is not None:
             if release_flags & fp.RELEASE_FLUSH:
                 self._drop_posix_locks(h.inode, lock_owner)

@@ -286,7 +286,7 @@ class MetaOps:
         return [fp.header(unique, len(data)), data]
 
     def _op_releasedir(self, unique, nodeid, args, ctx):
-        h = self.handles.pop(args[0], None)
+        h = self._drop_handle(args[0])
         if h is not None:
             os.close(h.fd)
         return [fp.error_reply(unique, 0)]

@@ -41,6 +41,7 @@ class ShareOptions:
     allow_devices: bool = False      # MKNOD of block/char devices
     idmap: IdMap = field(default_factory=IdMap)
     max_write: int = 1 << 20
+    fd_cache: int = 0                # cached inode descriptors (0: a quarter of RLIMIT_NOFILE)
     policy: CachePolicy = field(init=False)
 
     def __post_init__(self) -> None:

@@ -55,7 +55,7 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.opts = options
         self.policy = options.policy
         self.idmap = options.idmap
-        self.inodes = InodeTable(options.root)
+        self.inodes = InodeTable(options.root, options.fd_cache)
         self.handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
         self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
@@ -92,6 +92,7 @@ class FuseServer(MetaOps, DataOps, LockOps):
             return [fp.error_reply(unique, errno.EIO)]
         if self.opts.readonly and opcode in MODIFYING:
             return [fp.error_reply(unique, errno.EROFS)]
+        self.inodes.begin()
         try:
             return op(unique, nodeid, args, (uid, gid, pid))
         except OSError as e:
@@ -102,6 +103,8 @@ class FuseServer(MetaOps, DataOps, LockOps):
         except Exception:
             log.exception("request %d (opcode %d) failed", unique, opcode)
             return [fp.error_reply(unique, errno.EIO)]
+        finally:
+            self.inodes.end()
 
     def close(self) -> None:
         for h in list(self.handles.values()):
@@ -113,8 +116,15 @@ class FuseServer(MetaOps, DataOps, LockOps):
 
     def _new_handle(self, fd: int, inode: Inode, locked: bool = False) -> int:
         fh = next(self._fh)
+        self.inodes.hold(inode)           # an open file keeps its inode's descriptor
         self.handles[fh] = Handle(fd, inode, locked)
         return fh
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            self.inodes.unhold(h.inode)
+        return h
 
     def _handle(self, fh: int) -> Handle:
         try:

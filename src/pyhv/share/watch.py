@@ -97,7 +97,11 @@ class HostWatch:
                     continue
                 log.warning("host watch: %s", e)
                 return
-            self._dispatch(fs.inotify_events(data))
+            self.server.inodes.begin()
+            try:
+                self._dispatch(fs.inotify_events(data))
+            finally:
+                self.server.inodes.end()
 
     def _dispatch(self, events: list) -> None:
         entries: dict[tuple[int, bytes], None] = {}
