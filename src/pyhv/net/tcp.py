@@ -4,9 +4,10 @@ guest side, plain asyncio transport calls on the host side.
 pyhv plays the guest's peer. Sequence numbers are kept unwrapped (Python ints); the wire
 carries them mod 2**32. Flow control is tied to the host socket: the window offered to the
 guest is `tcp_rcv_buffer` minus what the host socket has not taken yet (its transport
-write buffer) and out-of-order data held; data from the host waits in `sndbuf` until the
-guest acknowledges it, and the host socket stops being read while `sndbuf` is full. So
-no queue grows without bound. Segment building and reassembly are in `hvcore.netpkt`.
+write buffer) and out-of-order data held; data from the host is read straight into `sbuf`
+(a BufferedProtocol) and waits there until the guest acknowledges it; the host socket
+stops being read while `tcp_snd_buffer` bytes wait. So no queue grows without bound.
+Segment building and reassembly are in `hvcore.netpkt`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STATES = ("CONNECTING", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT", "FI
 WSCALE = 7                      # our window scale: windows up to 8 MiB
 MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
 MAX_RETRIES = 8
+READ_CHUNK = 256 << 10          # room offered to each host read
 
 
 def unwrap(value: int, ref: int) -> int:
@@ -34,8 +36,9 @@ def unwrap(value: int, ref: int) -> int:
     return ref + d - (1 << 32) if d >= 1 << 31 else ref + d
 
 
-class HostSide(asyncio.Protocol):
-    """The host socket of one flow: forwards its events to the TcpConn."""
+class HostSide(asyncio.BufferedProtocol):
+    """The host socket of one flow: reads land in the flow's send buffer; other events go
+    to the TcpConn."""
 
     def __init__(self, conn: TcpConn | None = None):
         self.conn = conn
@@ -43,8 +46,11 @@ class HostSide(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.conn.host_connected(transport)
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.host_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.host_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.host_data(nbytes)
 
     def eof_received(self) -> bool:
         self.conn.host_eof()
@@ -75,7 +81,8 @@ class TcpConn:
         self.snd_una = self.snd_nxt = self.iss
         self.snd_wnd = 0
         self.snd_wscale = self.rcv_wscale = 0
-        self.sndbuf = bytearray()
+        self.sbuf = bytearray()          # host data from snd_una on: sbuf[s_head:s_tail]
+        self.s_head = self.s_tail = 0
         self.fin_queued = False
         self.fin_seq: int | None = None
         self.irs = self.rcv_nxt = self.rcv_adv = 0
@@ -173,14 +180,14 @@ class TcpConn:
         self.output_scheduled = False
         if self.state not in (ESTABLISHED, CLOSE_WAIT):
             return
-        data_end = self.snd_una + len(self.sndbuf)
+        data_end = self.snd_una + self.s_tail - self.s_head
         end = min(self.snd_una + self.snd_wnd, data_end)
         fin = self.fin_queued and self.fin_seq is None and end == data_end
         if end > self.snd_nxt:
             wnd = self._wnd_field()
             frames = self.builder.tcp_data(
                 self.peer, self.pport, self.guest, self.gport, self.snd_nxt & M32,
-                self.rcv_nxt & M32, wnd, self.sndbuf, self.snd_nxt - self.snd_una,
+                self.rcv_nxt & M32, wnd, self.sbuf, self.s_head + self.snd_nxt - self.snd_una,
                 end - self.snd_nxt, self.mss, ACK | PSH | (FIN if fin else 0))
             self.stack.send(frames)
             self.bytes_to_guest += end - self.snd_nxt
@@ -236,8 +243,8 @@ class TcpConn:
         elif self.snd_nxt > self.snd_una:
             self._retransmit()
             self._arm()
-        elif self.snd_una + len(self.sndbuf) > self.snd_nxt and self.state in (ESTABLISHED,
-                                                                              CLOSE_WAIT):
+        elif self.snd_una + self.buffered > self.snd_nxt and self.state in (ESTABLISHED,
+                                                                           CLOSE_WAIT):
             self._send_data(self.snd_nxt, 1)     # zero-window probe: one new byte
             self.snd_nxt += 1
             self._arm()
@@ -245,10 +252,10 @@ class TcpConn:
     def _send_data(self, seq: int, n: int) -> None:
         self.stack.send(self.builder.tcp_data(
             self.peer, self.pport, self.guest, self.gport, seq & M32, self.rcv_nxt & M32,
-            self._wnd_field(), self.sndbuf, seq - self.snd_una, n, self.mss))
+            self._wnd_field(), self.sbuf, self.s_head + seq - self.snd_una, n, self.mss))
 
     def _retransmit(self) -> None:
-        inflight = min(self.snd_nxt - self.snd_una, len(self.sndbuf))
+        inflight = min(self.snd_nxt - self.snd_una, self.buffered)
         if inflight > 0:
             self._send_data(self.snd_una, min(self.mss, inflight))
         elif self.fin_seq is not None and self.snd_una <= self.fin_seq:
@@ -347,8 +354,10 @@ class TcpConn:
 
     def _acked(self, ack: int) -> None:
         n = ack - self.snd_una
-        if self.sndbuf:
-            del self.sndbuf[:min(n, len(self.sndbuf))]
+        if self.buffered:
+            self.s_head += min(n, self.buffered)
+            if self.s_head == self.s_tail:
+                self.s_head = self.s_tail = 0
         self.snd_una = ack
         self.dupacks = self.retries = 0
         now = self.loop.time()
@@ -362,7 +371,7 @@ class TcpConn:
             self.rto = min(MAX_RTO, max(MIN_RTO, self.srtt + 4 * self.rttvar))
             self.rtt_seq = None
         self.rto_deadline = None if ack == self.snd_nxt else now + self.rto
-        if self.host_paused and len(self.sndbuf) < self.snd_cap // 2 and self.transport:
+        if self.host_paused and self.buffered < self.snd_cap // 2 and self.transport:
             self.host_paused = False
             self.transport.resume_reading()
         if self.fin_seq is not None and ack > self.fin_seq:
@@ -438,9 +447,35 @@ class TcpConn:
         self.transport = transport
         transport.set_write_buffer_limits(high=self.rcv_cap // 2, low=self.rcv_cap // 8)
 
-    def host_data(self, data: bytes) -> None:
-        self.sndbuf += data
-        if len(self.sndbuf) >= self.snd_cap and not self.host_paused:
+    @property
+    def buffered(self) -> int:
+        """Host bytes not yet acknowledged by the guest (sent or not)."""
+        return self.s_tail - self.s_head
+
+    def host_buffer(self) -> memoryview:
+        """Room for the next host read, after the data waiting in sbuf. A new bytearray
+        replaces a full one (never resized: the last view handed out may still exist)."""
+        if len(self.sbuf) - self.s_tail < READ_CHUNK // 4:
+            n = self.s_tail - self.s_head
+            size = max(n + READ_CHUNK, min(2 * len(self.sbuf), 2 * self.snd_cap + READ_CHUNK))
+            if size <= len(self.sbuf) and self.s_head:
+                self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]   # same length: memmove
+            else:
+                new = bytearray(size)
+                new[:n] = self.sbuf[self.s_head:self.s_tail]
+                self.sbuf = new
+            self.s_head, self.s_tail = 0, n
+        return memoryview(self.sbuf)[self.s_tail:]
+
+    def release_buffer(self) -> None:
+        """Drop an idle flow's empty send buffer (the sweeper calls this)."""
+        if not self.buffered and len(self.sbuf) > READ_CHUNK:
+            self.sbuf = bytearray()
+            self.s_head = self.s_tail = 0
+
+    def host_data(self, nbytes: int) -> None:
+        self.s_tail += nbytes
+        if self.buffered >= self.snd_cap and not self.host_paused:
             self.host_paused = True
             self.transport.pause_reading()
         self._output_soon()
@@ -497,5 +532,6 @@ class TcpConn:
             self.transport.close()
             self.transport = None
         self.reasm = None
-        self.sndbuf = bytearray()
+        self.sbuf = bytearray()
+        self.s_head = self.s_tail = 0
         self.nat.remove(self)

@@ -161,6 +161,8 @@ class TcpNat:
                     conn.state == FIN_WAIT_2 and idle > FIN_WAIT_2_TIMEOUT)):
                 self.stack.counters["tcp idle timeouts"] += 1
                 conn.abort()
+            elif idle > SWEEP:
+                conn.release_buffer()
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
 
     def stats(self) -> dict:
@@ -168,7 +170,7 @@ class TcpNat:
         states = Counter(STATES[c.state] for c in conns)
         to_host = [c.transport.get_write_buffer_size() + (c.reasm.pending if c.reasm else 0)
                    if c.transport else 0 for c in conns]
-        to_guest = [len(c.sndbuf) for c in conns]
+        to_guest = [c.buffered for c in conns]
         return {"flows": len(conns), "connecting": self.connecting, "states": states,
                 "buffered_to_host": sum(to_host), "buffered_to_host_max": max(to_host or [0]),
                 "buffered_to_guest": sum(to_guest),
