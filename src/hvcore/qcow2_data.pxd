@@ -1,0 +1,10 @@
+# The guest data path: reads through the mapping (backing file, compressed, zero), writes
+# with allocation and copy-on-write, and metadata-only zeroing / unmapping.
+from libc.stdint cimport uint8_t, uint64_t
+
+from hvcore.qcow2_io cimport Q2
+
+
+cdef int do_read(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil
+cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil
+cdef int do_zero(Q2 *q, uint64_t off, uint64_t n, bint unmap) noexcept nogil

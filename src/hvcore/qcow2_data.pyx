@@ -1,0 +1,231 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""qcow2 guest data path, per cluster with the GIL released: reads merged into as few
+preads as the mapping allows (unallocated ranges from the backing file, compressed clusters
+through qcow2_codec, zero clusters as zeroes); writes that allocate clusters, copy the rest
+of a partial cluster (backing file, zeroes, compressed or shared data) or only the touched
+subclusters with extended L2 entries; and zeroing / unmapping through metadata only.
+
+Every data write is checked against the metadata map first, so a corrupt L2 entry that
+points into a table raises instead of overwriting it."""
+
+from cpython.buffer cimport PyBUF_WRITE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from libc.errno cimport errno
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.unistd cimport ftruncate
+
+from hvcore.qcow2_codec cimport read_compressed
+from hvcore.qcow2_io cimport (ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, E_DATA_ALIGN, E_IO,
+                              E_L1_RANGE, E_META, K_COMP, K_DATA, K_UNALLOC, OFF_MASK, Q2,
+                              ZEROF, flush_pw, pread_exact, pwrite_all, q2_fail, q2_store_exc,
+                              queue_pw)
+from hvcore.qcow2_l2 cimport classify, l2_bitmap, l2_entry, l2_get, set_entry
+from hvcore.qcow2_refcount cimport alloc, free_entry, is_meta
+
+
+# -- read -----------------------------------------------------------------------------------
+
+cdef int call_backing(Q2 *q, uint64_t goff, uint8_t *buf, uint64_t m) noexcept with gil:
+    try:
+        (<object>q.backing_read)(goff, PyMemoryView_FromMemory(<char*>buf, m, PyBUF_WRITE))
+    except BaseException as e:
+        return q2_store_exc(q, e)
+    return 0
+
+
+cdef int read_backing(Q2 *q, uint64_t goff, uint8_t *buf, uint64_t n) noexcept nogil:
+    cdef uint64_t m = 0
+    if q.has_backing and goff < q.backing_size:
+        m = min(n, q.backing_size - goff)
+        if call_backing(q, goff, buf, m) < 0:
+            return -1
+    if m < n:
+        memset(buf + m, 0, n - m)
+    return 0
+
+
+cdef int read_pending(Q2 *q, int k, uint64_t host, uint64_t goff, uint8_t *buf,
+                      uint64_t n) noexcept nogil:
+    if k == K_DATA:
+        return pread_exact(q, buf, n, host)
+    if k == K_UNALLOC:
+        return read_backing(q, goff, buf, n)
+    return 0
+
+
+cdef int do_read(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil:
+    """Fill `buf` with `n` guest bytes at `off` (the caller checked the range)."""
+    cdef int k, pk = -1
+    cdef uint64_t len_, host = 0, p_host = 0, p_goff = 0, p_len = 0
+    cdef uint8_t *p_buf = NULL
+    while n:
+        k = classify(q, off, n, &len_, &host)
+        if k < 0:
+            return -1
+        if k == K_DATA or (k == K_UNALLOC and q.has_backing):
+            if pk == k and p_buf + p_len == buf and (k == K_UNALLOC or p_host + p_len == host):
+                p_len += len_
+            else:
+                if read_pending(q, pk, p_host, p_goff, p_buf, p_len) < 0:
+                    return -1
+                pk, p_host, p_goff, p_buf, p_len = k, host, off, buf, len_
+        elif k == K_COMP:
+            if read_compressed(q, host, off & q.cmask, buf, len_) < 0:
+                return -1
+        else:
+            memset(buf, 0, len_)
+        buf += len_
+        off += len_
+        n -= len_
+    return read_pending(q, pk, p_host, p_goff, p_buf, p_len)
+
+
+# -- write ----------------------------------------------------------------------------------
+
+cdef int cow_write(Q2 *q, uint64_t gbase, uint64_t lo, uint64_t hi, uint64_t host,
+                   uint64_t in_c, const uint8_t *buf, uint64_t n) noexcept nogil:
+    """Write guest bytes [gbase+lo, gbase+hi) to host+lo: `buf` over the current
+    contents (backing, zeroes, compressed or old data), read only where not covered."""
+    if in_c == lo and in_c + n == hi:
+        return queue_pw(q, host + lo, buf, n)
+    if flush_pw(q) < 0 or do_read(q, gbase + lo, q.scratch, hi - lo) < 0:
+        return -1
+    memcpy(q.scratch + (in_c - lo), buf, n)
+    return pwrite_all(q, q.scratch, hi - lo, host + lo)
+
+
+cdef int write_cluster(Q2 *q, uint64_t gc, uint64_t in_c, const uint8_t *buf,
+                       uint64_t n) noexcept nogil:
+    cdef int32_t s = l2_get(q, gc >> q.l2_bits, True)
+    cdef uint64_t l2i = gc & ((1ULL << q.l2_bits) - 1)
+    cdef uint64_t e, off, bm = 0, mask, host, gbase = gc << q.cluster_bits
+    cdef uint64_t s0, s1, lo, hi
+    cdef int64_t new
+    cdef bint reuse
+    if s < 0:
+        return -1
+    e = l2_entry(q, s, l2i)
+    off = e & OFF_MASK
+    bm = l2_bitmap(q, s, l2i)
+    if off and not (e & COMPRESSED):
+        if off & q.cmask:
+            return q2_fail(q, E_DATA_ALIGN, gbase, off)
+        if is_meta(q, off >> q.cluster_bits):
+            return q2_fail(q, E_META, off, 0)
+    if not q.extended:
+        if (e & COPIED) and off and not (e & (COMPRESSED | ZEROF)):
+            return queue_pw(q, off + in_c, buf, n)
+        reuse = off and (e & COPIED) and not (e & COMPRESSED)    # preallocated zero
+        if reuse:
+            host = off
+        else:
+            new = alloc(q, 1)
+            if new < 0:
+                return -1
+            host = <uint64_t>new
+        if n < q.cluster_size and not reuse and host >= q.file_end and \
+                (off == 0 or (e & ZEROF)) and \
+                not (e & COMPRESSED) and (not q.has_backing or gbase >= q.backing_size):
+            # a fresh cluster past the end of the file already reads as zeroes: write
+            # only the new bytes and extend the file over the rest (no zero COW)
+            if queue_pw(q, host + in_c, buf, n) < 0:
+                return -1
+            if ftruncate(q.fd, host + q.cluster_size) < 0:
+                return q2_fail(q, E_IO, errno, host)
+            q.file_end = host + q.cluster_size
+        elif cow_write(q, gbase, 0, q.cluster_size, host, in_c, buf, n) < 0:
+            return -1
+        if not reuse and free_entry(q, e) < 0:
+            return -1
+        return set_entry(q, gc, host | COPIED, 0)
+    if (e & COMPRESSED) or (off and not (e & COPIED)):
+        new = alloc(q, 1)
+        if new < 0:
+            return -1
+        if cow_write(q, gbase, 0, q.cluster_size, new, in_c, buf, n) < 0 or \
+                free_entry(q, e) < 0:
+            return -1
+        return set_entry(q, gc, <uint64_t>new | COPIED, ALL_ALLOC)
+    s0 = in_c >> q.sc_bits
+    s1 = (in_c + n - 1) >> q.sc_bits
+    mask = ((1ULL << (s1 - s0 + 1)) - 1) << s0
+    if off:
+        host = off
+    else:
+        new = alloc(q, 1)
+        if new < 0:
+            return -1
+        host = <uint64_t>new
+    if off and (bm & mask) == mask:
+        return queue_pw(q, host + in_c, buf, n)
+    lo = s0 << q.sc_bits
+    hi = (s1 + 1) << q.sc_bits
+    if cow_write(q, gbase, lo, hi, host, in_c, buf, n) < 0:
+        return -1
+    return set_entry(q, gc, host | COPIED, (bm | mask) & ~(mask << 32))
+
+
+cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil:
+    """Write `n` guest bytes at `off` (the caller checked the range and read-only)."""
+    cdef uint64_t in_c, len_
+    while n:
+        in_c = off & q.cmask
+        len_ = min(n, q.cluster_size - in_c)
+        if write_cluster(q, off >> q.cluster_bits, in_c, buf, len_) < 0:
+            return -1
+        off += len_
+        buf += len_
+        n -= len_
+    return flush_pw(q)
+
+
+# -- zero / unmap ---------------------------------------------------------------------------
+
+cdef int do_zero(Q2 *q, uint64_t off, uint64_t n, bint unmap) noexcept nogil:
+    """Make unit-aligned guest range read as zeroes (or, with `unmap`, fall through to
+    the backing file), dropping the clusters it frees."""
+    cdef uint64_t gc, in_c, len_, e, bm, hostoff, mask, l2i
+    cdef int32_t s
+    cdef int rc
+    while n:
+        gc = off >> q.cluster_bits
+        in_c = off & q.cmask
+        len_ = min(n, q.cluster_size - in_c)
+        if (gc >> q.l2_bits) >= q.l1_size:
+            return q2_fail(q, E_L1_RANGE, off, 0)
+        if (q.l1[gc >> q.l2_bits] & OFF_MASK) == 0 and (unmap or not q.has_backing):
+            pass            # reads as zeroes already
+        else:
+            s = l2_get(q, gc >> q.l2_bits, True)
+            if s < 0:
+                return -1
+            l2i = gc & ((1ULL << q.l2_bits) - 1)
+            e = l2_entry(q, s, l2i)
+            bm = l2_bitmap(q, s, l2i)
+            hostoff = e & OFF_MASK
+            if len_ == q.cluster_size:
+                if free_entry(q, e) < 0:
+                    return -1
+                if unmap:
+                    rc = set_entry(q, gc, 0, 0)
+                elif q.extended:
+                    rc = set_entry(q, gc, 0, ALL_ZERO)
+                else:
+                    rc = set_entry(q, gc, ZEROF if q.v3 else 0, 0)
+                if rc < 0:
+                    return -1
+            elif (e & COMPRESSED) or (hostoff and not (e & COPIED)):
+                memset(q.dbuf, 0, len_)      # whole-cluster copy, then zeroes
+                q.dkey = 0
+                if write_cluster(q, gc, in_c, q.dbuf, len_) < 0 or flush_pw(q) < 0:
+                    return -1
+            else:
+                mask = ((1ULL << (len_ >> q.sc_bits)) - 1) << (in_c >> q.sc_bits)
+                if set_entry(q, gc, (hostoff | COPIED) if hostoff else 0,
+                             (bm & ~mask & ~(mask << 32)) if unmap else
+                             (bm & ~mask) | (mask << 32)) < 0:
+                    return -1
+        off += len_
+        n -= len_
+    return 0

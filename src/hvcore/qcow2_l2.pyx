@@ -1,0 +1,301 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""qcow2 cluster mapping: the L1 table, an L2 table cache (LRU, whole disk by default),
+copy of L2 tables shared with snapshots before a change, classification of guest offsets
+(data, zero, unallocated, compressed; extended L2 subcluster bitmaps), and the flush that
+writes metadata back in QEMU's order: data, barrier, refcounts, barrier, L2 tables, barrier,
+L1, barrier, then the deferred refcount decrements."""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+
+from hvcore.includes.endian cimport be64toh, htobe32, htobe64
+from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_BITMAP, E_DATA_ALIGN,
+                              E_L1_RANGE, E_L2_ALIGN, E_NOMEM, K_COMP, K_DATA, K_UNALLOC,
+                              K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_fail,
+                              q2_sync)
+from hvcore.qcow2_refcount cimport (add_free, alloc, apply_frees, meta_set,
+                                    write_refcounts)
+
+
+cdef int l2_init(Q2 *q, uint64_t l2_cache) noexcept nogil:
+    """Allocate the L1 table and the L2 cache (the table is read by the caller)."""
+    cdef uint64_t i, n = max(q.l1_size, 1)
+    if l2_cache == 0:
+        l2_cache = n << q.cluster_bits      # the whole disk
+    q.l2_slots = <int32_t>max(4, min(l2_cache >> q.cluster_bits, n))
+    q.l1 = <uint64_t*>calloc(n, 8)
+    q.l1_slot = <int32_t*>malloc(n * 4)
+    q.l2_buf = <uint8_t**>calloc(q.l2_slots, sizeof(uint8_t*))
+    q.l2_idx = <int64_t*>malloc(q.l2_slots * 8)
+    q.l2_tick = <uint64_t*>calloc(q.l2_slots, 8)
+    q.l2_dirty = <uint8_t*>calloc(q.l2_slots, 1)
+    if not (q.l1 and q.l1_slot and q.l2_buf and q.l2_idx and q.l2_tick and q.l2_dirty):
+        return -1
+    for i in range(n):
+        q.l1_slot[i] = -1
+    for i in range(<uint64_t>q.l2_slots):
+        q.l2_idx[i] = -1
+    return 0
+
+
+cdef void l2_release(Q2 *q) noexcept nogil:
+    cdef int32_t i
+    if q.l2_buf:
+        for i in range(q.l2_slots):
+            free(q.l2_buf[i])
+    free(q.l1)
+    free(q.l1_slot)
+    free(q.l2_buf)
+    free(q.l2_idx)
+    free(q.l2_tick)
+    free(q.l2_dirty)
+    q.l1 = q.l2_tick = NULL
+    q.l1_slot = NULL
+    q.l2_buf = NULL
+    q.l2_idx = NULL
+    q.l2_dirty = NULL
+
+
+# -- L2 cache -------------------------------------------------------------------------------
+
+cdef int write_l2_slot(Q2 *q, int32_t s) noexcept nogil:
+    cdef uint64_t off = q.l1[q.l2_idx[s]] & OFF_MASK
+    if pwrite_all(q, q.l2_buf[s], q.cluster_size, off) < 0:
+        return -1
+    q.l2_dirty[s] = 0
+    return 0
+
+
+cdef int32_t l2_victim(Q2 *q) noexcept nogil:
+    cdef int32_t s, best = 0
+    for s in range(q.l2_slots):
+        if q.l2_idx[s] < 0:
+            best = s
+            break
+        if q.l2_tick[s] < q.l2_tick[best]:
+            best = s
+    if q.l2_idx[best] >= 0:
+        if q.l2_dirty[best]:
+            # what this table references must be on disk before the table
+            if write_refcounts(q, True) < 0 or write_l2_slot(q, best) < 0:
+                return -1
+        q.l1_slot[q.l2_idx[best]] = -1
+        q.l2_idx[best] = -1
+    if q.l2_buf[best] == NULL:
+        q.l2_buf[best] = <uint8_t*>malloc(q.cluster_size)
+        if q.l2_buf[best] == NULL:
+            return q2_fail(q, E_NOMEM, 0, 0)
+    return best
+
+
+cdef int32_t l2_get(Q2 *q, uint64_t l1i, bint write) noexcept nogil:
+    """Cache slot of the L2 table for L1 index `l1i`; -2 when there is none and `write`
+    is false; -1 on error. With `write` the table is allocated or copied (when shared
+    with a snapshot) so the caller may change it."""
+    cdef uint64_t e = q.l1[l1i]
+    cdef uint64_t off = e & OFF_MASK
+    cdef int32_t s = q.l1_slot[l1i]
+    cdef int64_t new
+    if s >= 0:
+        q.tick += 1
+        q.l2_tick[s] = q.tick
+        if not write or (e & COPIED):
+            return s
+    else:
+        if off == 0 and not write:
+            return -2
+        if off & q.cmask:
+            return q2_fail(q, E_L2_ALIGN, l1i, off)
+        s = l2_victim(q)
+        if s < 0:
+            return -1
+        if off:
+            if pread_exact(q, q.l2_buf[s], q.cluster_size, off) < 0:
+                return -1
+        else:
+            memset(q.l2_buf[s], 0, q.cluster_size)
+        q.l1_slot[l1i] = s
+        q.l2_idx[s] = l1i
+        q.l2_dirty[s] = 0
+        q.tick += 1
+        q.l2_tick[s] = q.tick
+        if not write or (off and (e & COPIED)):
+            return s
+    new = alloc(q, 1)
+    if new < 0:
+        return -1
+    if meta_set(q, <uint64_t>new >> q.cluster_bits, 1, True) < 0:
+        return -1
+    if off:
+        add_free(q, off >> q.cluster_bits)     # the snapshot keeps the old copy
+    q.l1[l1i] = <uint64_t>new | COPIED
+    q.l1_dirty = True
+    q.l2_dirty[s] = 1
+    return s
+
+
+cdef uint64_t l2_entry(Q2 *q, int32_t s, uint64_t l2i) noexcept nogil:
+    """L2 entry `l2i` of cache slot `s`, host order."""
+    return be64toh((<uint64_t*>q.l2_buf[s])[l2i * q.ewords])
+
+
+cdef uint64_t l2_bitmap(Q2 *q, int32_t s, uint64_t l2i) noexcept nogil:
+    """Subcluster bitmap of entry `l2i` (0 without extended L2 entries)."""
+    if not q.extended:
+        return 0
+    return be64toh((<uint64_t*>q.l2_buf[s])[l2i * 2 + 1])
+
+
+cdef int set_entry(Q2 *q, uint64_t gc, uint64_t e, uint64_t bm) noexcept nogil:
+    cdef int32_t s = l2_get(q, gc >> q.l2_bits, True)
+    cdef uint64_t l2i = gc & ((1ULL << q.l2_bits) - 1)
+    if s < 0:
+        return -1
+    (<uint64_t*>q.l2_buf[s])[l2i * q.ewords] = htobe64(e)
+    if q.extended:
+        (<uint64_t*>q.l2_buf[s])[l2i * 2 + 1] = htobe64(bm)
+    q.l2_dirty[s] = 1
+    return 0
+
+
+# -- mapping --------------------------------------------------------------------------------
+
+cdef int classify(Q2 *q, uint64_t goff, uint64_t maxlen, uint64_t *plen,
+                  uint64_t *phost) noexcept nogil:
+    """Kind of the bytes at guest offset `goff` and how many (<= maxlen) share it."""
+    cdef uint64_t gc = goff >> q.cluster_bits
+    cdef uint64_t in_c = goff & q.cmask
+    cdef uint64_t n = min(maxlen, q.cluster_size - in_c)
+    cdef uint64_t l1i = gc >> q.l2_bits
+    cdef uint64_t l2i = gc & ((1ULL << q.l2_bits) - 1)
+    cdef uint64_t e, off, bm, span
+    cdef uint32_t sc, end_sc
+    cdef int32_t s
+    cdef int state
+    if l1i >= q.l1_size:
+        return q2_fail(q, E_L1_RANGE, goff, 0)
+    s = l2_get(q, l1i, False)
+    if s == -2:
+        span = ((l1i + 1) << (q.l2_bits + q.cluster_bits)) - goff
+        plen[0] = min(maxlen, span)
+        return K_UNALLOC
+    if s < 0:
+        return -1
+    e = l2_entry(q, s, l2i)
+    plen[0] = n
+    if e & COMPRESSED:
+        phost[0] = e
+        return K_COMP
+    off = e & OFF_MASK
+    if not q.extended:
+        if (e & ZEROF) and q.v3:
+            return K_ZERO
+        if off == 0:
+            return K_UNALLOC
+        if off & q.cmask:
+            return q2_fail(q, E_DATA_ALIGN, goff, off)
+        phost[0] = off + in_c
+        return K_DATA
+    bm = l2_bitmap(q, s, l2i)
+    if (bm & (bm >> 32)) & ALL_ALLOC or (off == 0 and bm & ALL_ALLOC):
+        return q2_fail(q, E_BITMAP, goff, bm)
+    sc = <uint32_t>(in_c >> q.sc_bits)
+    state = ((bm >> sc) & 1) | (((bm >> (32 + sc)) & 1) << 1)
+    end_sc = sc + 1
+    while end_sc < 32 and (((bm >> end_sc) & 1) | (((bm >> (32 + end_sc)) & 1) << 1)) == state:
+        end_sc += 1
+    plen[0] = min(n, (<uint64_t>end_sc << q.sc_bits) - in_c)
+    if state == 1:
+        if off & q.cmask:
+            return q2_fail(q, E_DATA_ALIGN, goff, off)
+        phost[0] = off + in_c
+        return K_DATA
+    return K_ZERO if state == 2 else K_UNALLOC
+
+
+# -- L1 table -------------------------------------------------------------------------------
+
+cdef int l1_grow(Q2 *q, uint64_t new_size) noexcept nogil:
+    """Move the L1 table to a new one of `new_size` entries (written on the next flush)."""
+    cdef uint64_t n, i, old_off = q.l1_offset, old_n = q.l1_size
+    cdef int64_t new
+    cdef uint64_t *nl1
+    cdef int32_t *nslot
+    n = (new_size * 8 + q.cmask) >> q.cluster_bits
+    nl1 = <uint64_t*>calloc(new_size, 8)
+    nslot = <int32_t*>malloc(new_size * 4)
+    if nl1 == NULL or nslot == NULL:
+        free(nl1)
+        free(nslot)
+        return q2_fail(q, E_NOMEM, 0, 0)
+    memcpy(nl1, q.l1, q.l1_size * 8)
+    memcpy(nslot, q.l1_slot, q.l1_size * 4)
+    for i in range(q.l1_size, new_size):
+        nslot[i] = -1
+    new = alloc(q, n)
+    if new < 0:
+        free(nl1)
+        free(nslot)
+        return -1
+    meta_set(q, <uint64_t>new >> q.cluster_bits, n, True)
+    free(q.l1)
+    free(q.l1_slot)
+    q.l1 = nl1
+    q.l1_slot = nslot
+    q.l1_size = new_size
+    q.l1_offset = <uint64_t>new
+    q.l1_dirty = q.l1_moved = True
+    if old_off and old_n:
+        for i in range(old_off >> q.cluster_bits,
+                       ((old_off + old_n * 8 - 1) >> q.cluster_bits) + 1):
+            add_free(q, i)
+    return 0
+
+
+cdef int write_l1(Q2 *q) noexcept nogil:
+    cdef uint64_t *tmp
+    cdef uint64_t i, off
+    cdef uint32_t n
+    tmp = <uint64_t*>malloc(max(q.l1_size, 1) * 8)
+    if tmp == NULL:
+        return q2_fail(q, E_NOMEM, 0, 0)
+    for i in range(q.l1_size):
+        tmp[i] = htobe64(q.l1[i])
+    if pwrite_all(q, tmp, q.l1_size * 8, q.l1_offset) < 0:
+        free(tmp)
+        return -1
+    free(tmp)
+    if q.l1_moved:
+        if q2_sync(q) < 0:
+            return -1
+        n = htobe32(<uint32_t>q.l1_size)
+        off = htobe64(q.l1_offset)
+        if pwrite_all(q, &n, 4, 36) < 0 or pwrite_all(q, &off, 8, 40) < 0:
+            return -1
+        q.l1_moved = False
+    q.l1_dirty = False
+    return 0
+
+
+# -- flush ----------------------------------------------------------------------------------
+
+cdef int do_flush(Q2 *q) noexcept nogil:
+    """Write back cached metadata in crash-safe order, then apply deferred frees."""
+    cdef int32_t s
+    cdef bint any_l2 = False
+    if q.readonly:
+        return 0
+    if write_refcounts(q, True) < 0 or q2_sync(q) < 0:
+        return -1
+    for s in range(q.l2_slots):
+        if q.l2_idx[s] >= 0 and q.l2_dirty[s]:
+            if write_l2_slot(q, s) < 0:
+                return -1
+            any_l2 = True
+    if any_l2 and q2_sync(q) < 0:
+        return -1
+    if q.l1_dirty:
+        if write_l1(q) < 0 or q2_sync(q) < 0:
+            return -1
+    return apply_frees(q)
