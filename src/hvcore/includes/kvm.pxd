@@ -148,7 +148,7 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint64_t cr0, cr2, cr3, cr4, cr8
         uint64_t efer
         uint64_t apic_base
-        uint64_t interrupt_bitmap[4]
+        unsigned long long interrupt_bitmap[4]   # __u64: unsigned long long
 
     struct kvm_fpu:
         uint8_t fpr[8][16]
