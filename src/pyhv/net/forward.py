@@ -20,6 +20,13 @@ class _Active:
     server: object
     counters: dict = field(default_factory=lambda: {"connections": 0, "active": 0,
                                                     "bytes_in": 0, "bytes_out": 0})
+    live: set = field(default_factory=set)         # open flows: their bytes count too
+
+    def totals(self) -> dict:
+        c = dict(self.counters)
+        c["bytes_in"] += sum(conn.bytes_to_guest for conn in self.live)
+        c["bytes_out"] += sum(conn.bytes_to_host for conn in self.live)
+        return c
 
 
 class _ForwardSide(HostSide):
@@ -36,8 +43,10 @@ class _ForwardSide(HostSide):
         stack = self.forwards.stack
         self.conn = stack.tcp.open_inbound(transport, stack.cfg.guest,
                                            self.active.forward.guest_port, self._closed)
+        self.active.live.add(self.conn)
 
     def _closed(self, conn) -> None:
+        self.active.live.discard(conn)
         c = self.active.counters
         c["active"] -= 1
         c["bytes_in"] += conn.bytes_to_guest
@@ -111,7 +120,7 @@ class Forwards:
         active.server.close()
 
     def list(self) -> list[dict]:
-        return [{"spec": a.forward.spec, **a.counters} for a in self.active.values()]
+        return [{"spec": a.forward.spec, **a.totals()} for a in self.active.values()]
 
     def close(self) -> None:
         for active in self.active.values():

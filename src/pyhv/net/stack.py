@@ -5,6 +5,7 @@ through the same port. Drops are counted by reason; nothing a guest sends raises
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 
 from hvcore import netpkt
@@ -14,6 +15,7 @@ from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
 
 BROADCAST_MAC = 0xFFFFFFFFFFFF
+log = logging.getLogger(__name__)
 HELD_MAX = 64
 
 
@@ -62,7 +64,12 @@ class Stack:
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
         for frame in frames:
-            self.frame(frame)
+            try:
+                self.frame(frame)
+            except Exception:               # a bug must cost one frame, not the service
+                self.counters["internal errors"] += 1
+                if self.counters["internal errors"] == 1:
+                    log.exception("pyhv net: internal error on a frame (dropped)")
         if self.ack_pending:
             pending, self.ack_pending = self.ack_pending, set()
             for conn in pending:
