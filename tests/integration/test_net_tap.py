@@ -253,7 +253,7 @@ def test_black_holed_connect_does_not_stall_others(ns, hosts):
         for _ in range(5):
             assert ns.client("connect", ALIAS, str(hosts["echo"])).strip() == "ok ping"
         out, _ = stuck.communicate(timeout=60)
-        assert out.strip() in ("EHOSTUNREACH", "ECONNREFUSED", "timeout")
+        assert out.strip() == "EHOSTUNREACH"      # ICMP host unreachable after the timeout
         assert ns.stats()["counters"]["tcp connect timeouts"] >= 1
     finally:
         for c in fillers:
