@@ -474,12 +474,15 @@ cdef class Builder:
 
     cdef bytearray _tcp(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
                         uint32_t ack, int flags, int window, const uint8_t *data, Py_ssize_t n,
-                        int optlen, int mss, int wscale, bint sack_perm, int gso_size):
+                        int optlen, int mss, int wscale, bint sack_perm, int gso_size,
+                        bint copy=True):
+        """One segment; without `copy` only the headers are built (the payload goes out
+        as a second buffer of a writev), their lengths and checksum covering it."""
         cdef uint8_t *ip
         cdef uint8_t *t
         cdef uint8_t *v
         cdef Py_ssize_t tl = 20 + optlen + n
-        cdef bytearray out = self._frame(20 + tl, 0x0800, &ip)
+        cdef bytearray out = self._frame(20 + (tl if copy else 20 + optlen), 0x0800, &ip)
         cdef int o = 20
         self._ip(ip, src, dst, 6, 20 + tl, 64)
         t = ip + 20
@@ -508,7 +511,7 @@ cdef class Builder:
             t[o + 2] = 4
             t[o + 3] = 2
             o += 4
-        if n:
+        if n and copy:
             if n >= 4096:
                 with nogil:
                     memcpy(t + o, data, n)
@@ -526,8 +529,11 @@ cdef class Builder:
             v[6] = 14 + 20
             v[8] = 16
             put16(t + 16, pseudo(src, dst, 6, tl))
-        else:
+        elif copy:
             put16(t + 16, (~fold(<uint64_t>sum_big(t, tl) + pseudo(src, dst, 6, tl))) & 0xffff)
+        else:                                 # header and payload summed apart (o is even)
+            put16(t + 16, (~fold(<uint64_t>sum16(t, o) + sum_big(data, n)
+                                 + pseudo(src, dst, 6, tl))) & 0xffff)
         return out
 
     def tcp(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq, uint32_t ack,
@@ -550,11 +556,15 @@ cdef class Builder:
 
     def tcp_data(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
                  uint32_t ack, int window, data, Py_ssize_t offset, Py_ssize_t length,
-                 int mss, int last_flags=0x18) -> list:
+                 int mss, int last_flags=0x18, bint scatter=False) -> list:
         """Segment data[offset:offset+length] into ACK frames of at most `mss` payload
         bytes each, or with vnet into GSO frames of up to 64 KiB (gso_size = mss); the
-        last one gets `last_flags` (ACK|PSH, or with FIN when the stream ends there)."""
+        last one gets `last_flags` (ACK|PSH, or with FIN when the stream ends there).
+        With `scatter` each frame is a (headers, payload memoryview) pair: no copy of
+        the payload here, the port writes both buffers at once."""
         cdef const uint8_t[::1] b = memoryview(data).cast("B")
+        cdef object view = memoryview(data) if scatter else None
+        cdef bytearray hdr
         cdef list frames = []
         cdef Py_ssize_t step, n, pos = offset, end = offset + length
         if offset < 0 or length < 0 or end > b.shape[0] or mss <= 0:
@@ -566,9 +576,10 @@ cdef class Builder:
                 step = mss
         while pos < end:
             n = min(step, end - pos)
-            frames.append(self._tcp(src, sport, dst, dport, seq, ack,
-                                    last_flags if pos + n == end else 0x10, window, &b[pos], n, 0,
-                                    0, -1, False, mss))
+            hdr = self._tcp(src, sport, dst, dport, seq, ack,
+                            last_flags if pos + n == end else 0x10, window, &b[pos], n, 0,
+                            0, -1, False, mss, not scatter)
+            frames.append((hdr, view[pos:pos + n]) if scatter else hdr)
             seq = seq + <uint32_t>n
             pos += n
         return frames

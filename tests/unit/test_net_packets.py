@@ -119,3 +119,20 @@ def test_mutated_frames_never_raise(data):
 def test_packet_not_constructible():
     with pytest.raises(TypeError):
         n.Packet()
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_scatter_frames_equal_copied_ones(vnet):
+    data = bytes(range(256)) * 500
+    b = builder(vnet)
+    args = (GW, 80, GUEST, 4000, 1000, 1, 100, data, 3, 70_000, 1460)
+    copied = b.tcp_data(*args)
+    scattered = n.Builder(GW_MAC, vnet=vnet)
+    scattered.guest_mac = GUEST_MAC
+    pairs = scattered.tcp_data(*args, scatter=True)
+    assert all(type(p) is tuple and len(p) == 2 for p in pairs)
+    joined = [b"".join(p) for p in pairs]
+    for c, j in zip(copied, joined, strict=True):
+        pc, pj = n.parse(bytes(c), vnet=vnet), n.parse(j, vnet=vnet)
+        assert pj.reason == 0 and bytes(pj.payload) == bytes(pc.payload)
+        assert (pj.seq, pj.flags, pj.gso_size) == (pc.seq, pc.flags, pc.gso_size)

@@ -26,7 +26,7 @@ class FakePort(FramePort):
         self.deliver = deliver
 
     def send(self, frames) -> None:
-        self.out.extend(n.parse(bytes(f)) for f in frames)
+        self.out.extend(n.parse(b"".join(f) if type(f) is tuple else bytes(f)) for f in frames)
 
     def close(self) -> None:
         pass

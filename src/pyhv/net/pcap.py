@@ -22,6 +22,8 @@ class PcapWriter:
         skip = 10 if vnet else 0
         out = self.f.write
         for frame in frames:
+            if type(frame) is tuple:
+                frame = b"".join(frame)
             n = len(frame) - skip
             if n <= 0:
                 continue

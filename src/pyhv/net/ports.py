@@ -4,8 +4,10 @@ A port is started with a `deliver(frames: list[bytes])` callback, which it calls
 frames it read in one batch (the stack sends coalesced ACKs after each batch), and takes
 frames through `send(frames)`. When `offload` is true every frame in both directions starts
 with a 10-byte virtio_net_hdr (TAP with IFF_VNET_HDR): checksums may be partial and one
-frame may be a 64 KiB TCP super-segment. A port never queues without bound: a frame it
-cannot pass on at once is dropped and counted (`dropped`), as a full NIC queue would.
+frame may be a 64 KiB TCP super-segment. A frame is one buffer, or a tuple of buffers that
+together make one frame (headers, then a view of TCP payload: never copied into a frame).
+A port never queues without bound: a frame it cannot pass on at once is dropped and
+counted (`dropped`), as a full NIC queue would.
 
 Implementations: `FdPort` (a TAP fd: one frame per read/write), `StreamPort` (QEMU
 `-netdev stream`: unix stream socket, 4-byte big-endian length before each frame) and
@@ -80,10 +82,13 @@ class FdPort(FramePort):
             self.deliver(frames)
 
     def send(self, frames) -> None:
-        write, fd = os.write, self.fd
+        write, writev, fd = os.write, os.writev, self.fd
         for f in frames:
             try:
-                write(fd, f)
+                if type(f) is tuple:
+                    writev(fd, f)
+                else:
+                    write(fd, f)
             except (BlockingIOError, OSError):
                 self.dropped += 1
         self.frames_out += len(frames)
@@ -156,8 +161,12 @@ class StreamPort(FramePort):
             return
         parts = []
         for f in frames:
-            parts.append(struct.pack("!I", len(f)))
-            parts.append(f)
+            if type(f) is tuple:
+                parts.append(struct.pack("!I", sum(len(p) for p in f)))
+                parts.extend(f)
+            else:
+                parts.append(struct.pack("!I", len(f)))
+                parts.append(f)
         peer.transport.write(b"".join(parts))
         self.frames_out += len(frames)
 
@@ -210,7 +219,7 @@ class DgramPort(FramePort):
             return
         for f in frames:
             try:
-                self.sock.sendto(f, self.peer)
+                self.sock.sendmsg(f if type(f) is tuple else (f,), (), 0, self.peer)
             except OSError:
                 self.dropped += 1
         self.frames_out += len(frames)

@@ -107,7 +107,7 @@ class Stack:
                 held, self.held = self.held, []
                 mac, at = pkt.mac_src.to_bytes(6, "big"), 10 if self.vnet else 0
                 for frame in held:
-                    frame[at:at + 6] = mac
+                    (frame[0] if type(frame) is tuple else frame)[at:at + 6] = mac
                 self.send(held)
 
     def arp(self, pkt) -> None:
@@ -160,8 +160,9 @@ class Stack:
         """No frame from the guest yet, so no MAC to send to (a forward's SYN can come
         first): keep a few frames, and ask with ARP for the guest's address."""
         room = HELD_MAX - len(self.held)
-        self.held.extend(f for f in frames[:room] if f[12 + (10 if self.vnet else 0)] != 8
-                         or f[13 + (10 if self.vnet else 0)] != 6)
+        at = 12 + (10 if self.vnet else 0)
+        self.held.extend(f for f in frames[:room]
+                         if (f[0] if type(f) is tuple else f)[at:at + 2] != b"\x08\x06")
         if len(frames) > room:
             self.counters["dropped: no guest MAC yet"] += len(frames) - room
         now = self.loop.time() if self.loop is not None else 0.0

@@ -188,7 +188,7 @@ class TcpConn:
             frames = self.builder.tcp_data(
                 self.peer, self.pport, self.guest, self.gport, self.snd_nxt & M32,
                 self.rcv_nxt & M32, wnd, self.sbuf, self.s_head + self.snd_nxt - self.snd_una,
-                end - self.snd_nxt, self.mss, ACK | PSH | (FIN if fin else 0))
+                end - self.snd_nxt, self.mss, ACK | PSH | (FIN if fin else 0), True)
             self.stack.send(frames)
             self.bytes_to_guest += end - self.snd_nxt
             if self.rtt_seq is None:
@@ -252,7 +252,8 @@ class TcpConn:
     def _send_data(self, seq: int, n: int) -> None:
         self.stack.send(self.builder.tcp_data(
             self.peer, self.pport, self.guest, self.gport, seq & M32, self.rcv_nxt & M32,
-            self._wnd_field(), self.sbuf, self.s_head + seq - self.snd_una, n, self.mss))
+            self._wnd_field(), self.sbuf, self.s_head + seq - self.snd_una, n, self.mss,
+            scatter=True))
 
     def _retransmit(self) -> None:
         inflight = min(self.snd_nxt - self.snd_una, self.buffered)
