@@ -100,13 +100,13 @@ class DataOps:
 
     def _op_release(self, unique, nodeid, args, ctx):
         fh, _flags, release_flags, lock_owner = args
-        h = self._drop_handle(fh)
+        h = self.handles.pop(fh, None)
         if h is not None:
             if release_flags & fp.RELEASE_FLUSH:
                 self._drop_posix_locks(h.inode, lock_owner)
-            if h.written:
+            if h.written or self.files.written(fh):
                 self._stamp(h.inode, h.fd)
-            os.close(h.fd)          # also drops its flock locks
+            self._close_handle(fh, h)      # closing also drops its flock locks
         return [fp.error_reply(unique, 0)]
 
     def _op_fsync(self, unique, nodeid, args, ctx):

@@ -1,7 +1,8 @@
 """The /dev/fuse transport: mount, a pool of reader threads on cloned descriptors, unmount.
 
-Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE, reads one request, hands the
-buffer to `FuseServer.handle`, and writes the reply with one writev. When every reader but
+Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests in C
+(`FileTable.serve_dev`), which answers READ and WRITE itself without the GIL; any other
+request goes to `FuseServer.handle`, and its reply is written with one writev. When every reader but
 one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so one slow
 request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
 unmount). Root mounts with mount(2); a normal user goes through fusermount3.
@@ -166,17 +167,16 @@ class DevFuse:
                 self._idle -= 1
             return
         buf = bytearray(self.bufsize)
+        out = bytearray(self.bufsize)       # READ / WRITE replies, written in C
         view = memoryview(buf)
         handle = self.server.handle
+        serve_dev = self.server.files.serve_dev
         try:
             while True:
-                try:
-                    n = os.readv(fd, [buf])
-                except OSError as e:
-                    if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
-                        continue
-                    if e.errno != errno.ENODEV:
-                        log.warning("read /dev/fuse: %s", e)
+                n = serve_dev(fd, buf, out)     # READ / WRITE answered inside, no GIL
+                if n < 0:
+                    if -n != errno.ENODEV:
+                        log.warning("read /dev/fuse: %s", os.strerror(-n))
                     return
                 if n == 0:
                     return

@@ -286,9 +286,9 @@ class MetaOps:
         return [fp.header(unique, len(data)), data]
 
     def _op_releasedir(self, unique, nodeid, args, ctx):
-        h = self._drop_handle(args[0])
+        h = self.handles.pop(args[0], None)
         if h is not None:
-            os.close(h.fd)
+            self._close_handle(args[0], h)
         return [fp.error_reply(unique, 0)]
 
     def _op_fsyncdir(self, unique, nodeid, args, ctx):

@@ -6,9 +6,7 @@ locks, each a method `_op(unique, nodeid, args, ctx) -> list` looked up by opcod
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +55,10 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.idmap = options.idmap
         self.inodes = InodeTable(options.root, options.fd_cache)
         self.handles: dict[int, Handle] = {}
-        self._fh = itertools.count(1)
+        # the open files' descriptors, by file handle; READ / WRITE are answered there in C
+        self.files = fs.FileTable()
+        self.files.max_io = options.max_write
+        self.files.writable = not options.readonly
         self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
         self.negotiated = 0
         self.proto_minor = 0
@@ -92,6 +93,11 @@ class FuseServer(MetaOps, DataOps, LockOps):
             return [fp.error_reply(unique, errno.EIO)]
         if self.opts.readonly and opcode in MODIFYING:
             return [fp.error_reply(unique, errno.EROFS)]
+        if opcode == fp.READ or opcode == fp.WRITE:
+            out = bytearray(16 + (args[2] if opcode == fp.READ else 8))
+            n = self.files.serve(buf, out) if len(out) <= 16 + self.opts.max_write else 0
+            if n:
+                return [memoryview(out)[:n]]       # else: the checks below answer it
         self.inodes.begin()
         try:
             return op(unique, nodeid, args, (uid, gid, pid))
@@ -107,24 +113,23 @@ class FuseServer(MetaOps, DataOps, LockOps):
             self.inodes.end()
 
     def close(self) -> None:
-        for h in list(self.handles.values()):
-            os.close(h.fd)
+        for fh in list(self.handles):
+            self.files.remove(fh)
         self.handles.clear()
         self.inodes.close()
 
     # --- helpers the operation mixins share ------------------------------------------------
 
     def _new_handle(self, fd: int, inode: Inode, locked: bool = False) -> int:
-        fh = next(self._fh)
         self.inodes.hold(inode)           # an open file keeps its inode's descriptor
+        fh = self.files.add(fd)           # which owns (and closes) the descriptor from now on
         self.handles[fh] = Handle(fd, inode, locked)
         return fh
 
-    def _drop_handle(self, fh: int) -> Handle | None:
-        h = self.handles.pop(fh, None)
-        if h is not None:
-            self.inodes.unhold(h.inode)
-        return h
+    def _close_handle(self, fh: int, h: Handle) -> None:
+        """RELEASE(DIR): close the descriptor (after READ / WRITE still using it)."""
+        self.files.remove(fh)
+        self.inodes.unhold(h.inode)
 
     def _handle(self, fh: int) -> Handle:
         try:
