@@ -11,11 +11,18 @@ from hypothesis import strategies as st
 
 from hvcore import fsops as fs
 from hvcore import fuseproto as fp
+from pyhv.share import protoref
 from tests.helpers.share_proto import IN_HEADER, request
 
 
-def test_decode_header_and_lookup_name():
-    op, unique, nodeid, uid, gid, pid, args = fp.decode(
+@pytest.fixture(params=["cython", "python"])
+def decode(request):
+    """Every decoder case runs over hvcore.fuseproto and its pure-Python twin."""
+    return fp.decode if request.param == "cython" else protoref.decode
+
+
+def test_decode_header_and_lookup_name(decode):
+    op, unique, nodeid, uid, gid, pid, args = decode(
         request(fp.LOOKUP, b"hello\0", nodeid=5, unique=99, uid=1000, gid=100, pid=42))
     assert (op, unique, nodeid, uid, gid, pid, args) == (fp.LOOKUP, 99, 5, 1000, 100, 42,
                                                          (b"hello",))
@@ -25,43 +32,43 @@ def test_decode_header_and_lookup_name():
     (b"a/b\0", errno.EINVAL), (b"abc", errno.EINVAL), (b"\0", errno.EINVAL),
     (b"x" * 256 + b"\0", errno.ENAMETOOLONG), (b"", errno.EINVAL),
 ])
-def test_bad_lookup_names(body, err):
+def test_bad_lookup_names(body, err, decode):
     with pytest.raises(fp.ProtocolError) as e:
-        fp.decode(request(fp.LOOKUP, body, unique=5))
+        decode(request(fp.LOOKUP, body, unique=5))
     assert e.value.errno == err and e.value.unique == 5
 
 
 @pytest.mark.parametrize("opcode", [fp.MKDIR, fp.CREATE, fp.MKNOD])
-def test_new_names_cannot_be_dot_or_dotdot(opcode):
+def test_new_names_cannot_be_dot_or_dotdot(opcode, decode):
     fixed = {fp.MKDIR: 8, fp.CREATE: 16, fp.MKNOD: 16}[opcode]
     for name in (b".", b".."):
         with pytest.raises(fp.ProtocolError):
-            fp.decode(request(opcode, bytes(fixed) + name + b"\0"))
+            decode(request(opcode, bytes(fixed) + name + b"\0"))
 
 
-def test_truncated_and_inconsistent_requests():
+def test_truncated_and_inconsistent_requests(decode):
     with pytest.raises(fp.ProtocolError) as e:
-        fp.decode(b"\1\2\3")
+        decode(b"\1\2\3")
     assert e.value.unique == 0
     with pytest.raises(fp.ProtocolError):        # header length disagrees with the buffer
-        fp.decode(request(fp.GETATTR, bytes(16), length=1000))
+        decode(request(fp.GETATTR, bytes(16), length=1000))
     with pytest.raises(fp.ProtocolError):        # getattr_in cut short
-        fp.decode(request(fp.GETATTR, bytes(8)))
+        decode(request(fp.GETATTR, bytes(8)))
     write_in = struct.pack("=QQIIQII", 1, 0, 4096, 0, 0, 0, 0)
     with pytest.raises(fp.ProtocolError):        # write data shorter than its size field
-        fp.decode(request(fp.WRITE, write_in + b"x" * 10))
+        decode(request(fp.WRITE, write_in + b"x" * 10))
     with pytest.raises(fp.ProtocolError):        # batch forget claiming 2**32-1 entries
-        fp.decode(request(fp.BATCH_FORGET, struct.pack("=II", 0xFFFFFFFF, 0)))
+        decode(request(fp.BATCH_FORGET, struct.pack("=II", 0xFFFFFFFF, 0)))
 
 
-def test_unknown_opcode_decodes_to_none():
-    assert fp.decode(request(9999))[6] is None
+def test_unknown_opcode_decodes_to_none(decode):
+    assert decode(request(9999))[6] is None
 
 
-def test_write_data_is_a_view_of_the_request():
+def test_write_data_is_a_view_of_the_request(decode):
     data = b"0123456789"
     buf = request(fp.WRITE, struct.pack("=QQIIQII", 3, 100, len(data), 0, 0, 0, 0) + data)
-    args = fp.decode(buf)[6]
+    args = decode(buf)[6]
     assert args[:2] == (3, 100) and bytes(args[5]) == data
 
 
@@ -102,3 +109,30 @@ def test_decode_never_crashes(opcode, body):
         fp.decode(buf)
     except fp.ProtocolError as e:
         assert e.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.E2BIG, errno.ERANGE)
+
+
+def _same(buf: bytes):
+    """Both decoders: the same tuple, or the same errno and unique."""
+    results = []
+    for dec in (fp.decode, protoref.decode):
+        try:
+            out = dec(buf)
+            results.append(("ok", out[:6], None if out[6] is None else tuple(
+                bytes(a) if isinstance(a, memoryview) else a for a in out[6])))
+        except fp.ProtocolError as e:
+            results.append(("error", e.errno, e.unique))
+    assert results[0] == results[1], (buf, results)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(opcode=st.sampled_from(sorted(set(range(0, 52)) | {9999})),
+       body=st.one_of(st.binary(max_size=120),
+                      st.builds(lambda fixed, name, more: fixed + name + more,
+                                st.binary(min_size=0, max_size=48),
+                                st.sampled_from([b"a\0", b".\0", b"..\0", b"a/b\0",
+                                                 b"x" * 256 + b"\0", b"\0", b"n"]),
+                                st.binary(max_size=16))),
+       length_delta=st.sampled_from([0, 0, 0, 1, -1]))
+def test_python_twin_agrees_with_the_cython_decoder(opcode, body, length_delta):
+    total = IN_HEADER.size + len(body)
+    _same(IN_HEADER.pack(total + length_delta, opcode, 9, 1, 0, 0, 0, 0, 0) + body)
