@@ -10,6 +10,7 @@ and calling each other as cdef functions without the GIL:
   qcow2_codec     compressed clusters (read / packed write), zero detection
   qcow2_data      guest read / write (copy-on-write, subclusters) / zero / unmap
   qcow2_check     the reference walk behind `check` and its repairs
+  qcow2_pipe      raw-file loops of convert and bench (extent reader, piece writer, requests)
 
 Policy (header parsing, backing chains, which operation to run) lives in pyhv.disk.
 
@@ -22,12 +23,13 @@ barrier. Freed clusters are reused only after that. A crash leaves at most leake
 from cpython.ref cimport PyObject, Py_XDECREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from posix.stdlib cimport posix_memalign
 from libc.string cimport memset
 
 from hvcore.includes.endian cimport htobe64
 from hvcore.qcow2_check cimport run_check
 from hvcore.qcow2_codec cimport put_compressed
-from hvcore.qcow2_data cimport do_read, do_write, do_zero
+from hvcore.qcow2_data cimport do_read, do_write, do_zero, write_pieces
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, K_COMP, K_DATA, OFF_MASK, Q2,
                               RT_MASK, pwrite_all, q2_raise, q2_sync, read_table)
 from hvcore.qcow2_l2 cimport (classify, do_flush, l1_grow, l2_entry, l2_get, l2_init,
@@ -56,7 +58,7 @@ cdef class Qcow2:
                   int refcount_order, bint extended, bint v3, bint readonly,
                   uint64_t file_end, uint64_t l2_cache=0, uint64_t rb_cache=0):
         cdef Q2 *q = &self.q
-        q.fd = -1
+        q.fd = q.dfd = -1
         if not 9 <= cluster_bits <= 21:
             raise Qcow2Error(f"cluster_bits {cluster_bits} is outside 9..21")
         if not 0 <= refcount_order <= 6:
@@ -120,6 +122,8 @@ cdef class Qcow2:
         self.q.exc = NULL
         if self.q.fd >= 0:
             os.close(self.q.fd)
+        if self.q.dfd >= 0:
+            os.close(self.q.dfd)
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -198,6 +202,14 @@ cdef class Qcow2:
         self._decompress = value
         self.q.decompress = NULL if value is None else <PyObject*>value
         self.q.dkey = 0
+
+    def use_direct_io(self):
+        """cache=none: aligned guest data reads and writes bypass the page cache (O_DIRECT
+        on a second descriptor of the same file); metadata keeps the first one."""
+        if self.q.dfd < 0:
+            self.q.dfd = os.open(f"/proc/self/fd/{self.q.fd}",
+                                 (os.O_RDONLY if self.q.readonly else os.O_RDWR) |
+                                 os.O_DIRECT | os.O_CLOEXEC)
 
     @property
     def zero_unit(self):
@@ -333,6 +345,35 @@ cdef class Qcow2:
             rc = do_write(&self.q, offset, &buf[0], n)
         q2_raise(&self.q, rc)
 
+    def write_batch(self, const unsigned char[::1] buf not None, list pieces not None,
+                    uint64_t granule=0):
+        """Write `pieces` [(guest_offset, buf_offset, length), ...] of `buf` in one call
+        with the GIL released, skipping `granule`-sized blocks of zeroes when `granule` is
+        not 0; data for contiguous host clusters is gathered into one pwritev."""
+        cdef size_t i, n = len(pieces)
+        cdef uint64_t *arr
+        cdef uint64_t g, b, ln
+        cdef int rc
+        if self.q.readonly:
+            raise Qcow2Error("qcow2: the image is open read-only")
+        if n == 0:
+            return
+        arr = <uint64_t*>malloc(n * 24)
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                g, b, ln = pieces[i]
+                if b > <uint64_t>buf.shape[0] or ln > buf.shape[0] - b:
+                    raise ValueError(f"piece {b:#x}+{ln:#x} is outside the buffer")
+                self.check_writable("write", g, ln)
+                arr[3 * i], arr[3 * i + 1], arr[3 * i + 2] = g, b, ln
+            with nogil:
+                rc = write_pieces(&self.q, &buf[0], arr, n, granule)
+            q2_raise(&self.q, rc)
+        finally:
+            free(arr)
+
     def zero(self, uint64_t offset, uint64_t length):
         """Zero a range aligned to the zero unit (cluster, or subcluster with extended L2)
         through metadata only. v2 images without a zero flag must have no backing file."""
@@ -444,8 +485,7 @@ cdef class Qcow2:
             raise Qcow2Error("qcow2: the bench buffer is larger than the image")
         if write and q.readonly:
             raise Qcow2Error("qcow2: the image is open read-only")
-        buf = <uint8_t*>malloc(max(bufsize, 1))
-        if buf == NULL:
+        if posix_memalign(<void**>&buf, 4096, max(bufsize, 1)) != 0:
             raise MemoryError()
         memset(buf, pattern, bufsize)
         with nogil:

@@ -10,3 +10,4 @@ cdef int read_compressed(Q2 *q, uint64_t e, uint64_t in_c, uint8_t *buf,
                          uint64_t n) noexcept nogil
 cdef int put_compressed(Q2 *q, uint64_t offset, const uint8_t *data,
                         uint64_t n) noexcept nogil
+cdef size_t scan_runs(const uint8_t *p, size_t n, size_t granule, size_t *out) noexcept nogil

@@ -7,6 +7,7 @@ sectors as QEMU does, and the word-at-a-time zero scan behind sparse `convert`."
 from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from hvcore.qcow2_io cimport (COMPRESSED, E_COMP_RANGE, E_DECOMPRESS, E_META, MAX_HOST,
@@ -29,17 +30,12 @@ cdef bint all_zero(const uint8_t *p, size_t n) noexcept nogil:
     return True
 
 
-def nonzero_runs(const uint8_t[::1] buf not None, size_t granule):
-    """[(start, end), ...] of the granules of `buf` that hold a non-zero byte, merged: the
-    zero detection behind sparse `convert`."""
-    cdef size_t n = buf.shape[0], pos = 0, end, start = 0
+cdef size_t scan_runs(const uint8_t *p, size_t n, size_t granule,
+                      size_t *out) noexcept nogil:
+    """Fill `out` with merged (start, end) pairs of the granules holding a non-zero byte;
+    returns how many pairs (at most n / granule / 2 + 1)."""
+    cdef size_t pos = 0, end, start = 0, k = 0
     cdef bint inrun = False, z
-    out = []
-    if granule == 0:
-        raise ValueError("granule must be positive")
-    if n == 0:
-        return out
-    cdef const uint8_t *p = &buf[0]
     while pos < n:
         end = min(pos + granule, n)
         z = all_zero(p + pos, end - pos)
@@ -47,12 +43,36 @@ def nonzero_runs(const uint8_t[::1] buf not None, size_t granule):
             start = pos
             inrun = True
         elif z and inrun:
-            out.append((start, pos))
+            out[2 * k] = start
+            out[2 * k + 1] = pos
+            k += 1
             inrun = False
         pos = end
     if inrun:
-        out.append((start, n))
-    return out
+        out[2 * k] = start
+        out[2 * k + 1] = n
+        k += 1
+    return k
+
+
+def nonzero_runs(const uint8_t[::1] buf not None, size_t granule):
+    """[(start, end), ...] of the granules of `buf` that hold a non-zero byte, merged: the
+    zero detection behind sparse `convert` (the scan runs with the GIL released)."""
+    cdef size_t n = buf.shape[0], k, i
+    cdef size_t *runs
+    if granule == 0:
+        raise ValueError("granule must be positive")
+    if n == 0:
+        return []
+    runs = <size_t*>malloc((n // granule // 2 + 2) * 2 * sizeof(size_t))
+    if runs == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            k = scan_runs(&buf[0], n, granule, runs)
+        return [(runs[2 * i], runs[2 * i + 1]) for i in range(k)]
+    finally:
+        free(runs)
 
 
 cdef int call_decompress(Q2 *q, uint64_t csz, Py_ssize_t *got) noexcept with gil:

@@ -15,10 +15,10 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.unistd cimport ftruncate
 
-from hvcore.qcow2_codec cimport read_compressed
+from hvcore.qcow2_codec cimport all_zero, read_compressed
 from hvcore.qcow2_io cimport (ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, E_DATA_ALIGN, E_IO,
                               E_L1_RANGE, E_META, K_COMP, K_DATA, K_UNALLOC, OFF_MASK, Q2,
-                              ZEROF, flush_pw, pread_exact, pwrite_all, q2_fail, q2_store_exc,
+                              ZEROF, flush_pw, pread_data, pwrite_all, q2_fail, q2_store_exc,
                               queue_pw)
 from hvcore.qcow2_l2 cimport classify, l2_bitmap, l2_entry, l2_get, set_entry
 from hvcore.qcow2_refcount cimport alloc, free_entry, is_meta
@@ -48,7 +48,7 @@ cdef int read_backing(Q2 *q, uint64_t goff, uint8_t *buf, uint64_t n) noexcept n
 cdef int read_pending(Q2 *q, int k, uint64_t host, uint64_t goff, uint8_t *buf,
                       uint64_t n) noexcept nogil:
     if k == K_DATA:
-        return pread_exact(q, buf, n, host)
+        return pread_data(q, buf, n, host)
     if k == K_UNALLOC:
         return read_backing(q, goff, buf, n)
     return 0
@@ -166,8 +166,8 @@ cdef int write_cluster(Q2 *q, uint64_t gc, uint64_t in_c, const uint8_t *buf,
     return set_entry(q, gc, host | COPIED, (bm | mask) & ~(mask << 32))
 
 
-cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil:
-    """Write `n` guest bytes at `off` (the caller checked the range and read-only)."""
+cdef int write_range(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil:
+    """Write `n` guest bytes at `off`; the last data write may stay pending (flush_pw)."""
     cdef uint64_t in_c, len_
     while n:
         in_c = off & q.cmask
@@ -177,6 +177,47 @@ cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept 
         off += len_
         buf += len_
         n -= len_
+    return 0
+
+
+cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil:
+    """Write `n` guest bytes at `off` (the caller checked the range and read-only)."""
+    if write_range(q, off, buf, n) < 0:
+        return -1
+    return flush_pw(q)
+
+
+cdef int write_pieces(Q2 *q, const uint8_t *buf, const uint64_t *pieces, size_t npieces,
+                      uint64_t granule) noexcept nogil:
+    """Write pieces (guest offset, offset in `buf`, length) of one buffer, skipping the
+    `granule`-sized blocks of zeroes when `granule` is not 0 (sparse convert). Data
+    landing in contiguous host clusters goes out as one pwritev for the whole batch."""
+    cdef size_t i
+    cdef uint64_t g, n, pos, end, start
+    cdef const uint8_t *p
+    cdef bint inrun
+    for i in range(npieces):
+        g = pieces[3 * i]
+        p = buf + pieces[3 * i + 1]
+        n = pieces[3 * i + 2]
+        if granule == 0:
+            if write_range(q, g, p, n) < 0:
+                return -1
+            continue
+        pos = start = 0
+        inrun = False
+        while pos < n:
+            end = min(pos + granule, n)
+            if all_zero(p + pos, end - pos):
+                if inrun and write_range(q, g + start, p + start, pos - start) < 0:
+                    return -1
+                inrun = False
+            elif not inrun:
+                start = pos
+                inrun = True
+            pos = end
+        if inrun and write_range(q, g + start, p + start, n - start) < 0:
+            return -1
     return flush_pw(q)
 
 

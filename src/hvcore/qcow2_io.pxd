@@ -2,6 +2,7 @@
 # error codes, and the bounded file I/O every table read goes through.
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from posix.uio cimport iovec
 
 
 cdef extern from *:
@@ -24,6 +25,10 @@ cdef extern from *:
     const uint64_t ALL_ZERO "Q2_ALL_ZERO"
     const uint64_t MAX_HOST "Q2_MAX_HOST"
 
+
+cdef enum:
+    PW_IOV = 64                # pieces one pending data write may gather
+    DIRECT_ALIGN = 512         # O_DIRECT: offsets, lengths and buffers aligned to this
 
 cdef enum:
     K_UNALLOC = 0
@@ -52,6 +57,7 @@ cdef enum:
 
 ctypedef struct Q2:
     int fd
+    int dfd                    # the same file with O_DIRECT for aligned data I/O, or -1
     bint readonly, extended, v3
     uint32_t cluster_bits
     uint64_t cluster_size, size
@@ -94,9 +100,10 @@ ctypedef struct Q2:
     uint64_t file_end
     uint8_t *meta
     uint64_t meta_n
-    # one pending data write, extended while requests stay contiguous
+    # one pending data write (pwritev), extended while the host offsets stay contiguous
     uint64_t pw_host, pw_len
-    const uint8_t *pw_buf
+    iovec pw_iov[PW_IOV]
+    int pw_niov
     uint8_t *scratch
     # compressed clusters (qcow2_codec): read buffers, last decompressed, write cursor
     uint8_t *cbuf
@@ -119,6 +126,7 @@ cdef int q2_fail(Q2 *q, int code, uint64_t a, uint64_t b) noexcept nogil
 cdef int q2_store_exc(Q2 *q, object exc) noexcept
 cdef int q2_raise(Q2 *q, int rc) except -1
 cdef int pread_exact(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil
+cdef int pread_data(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int read_table(Q2 *q, uint64_t *dst, uint64_t n, uint64_t off) noexcept nogil
 cdef int pwrite_all(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int q2_sync(Q2 *q) noexcept nogil

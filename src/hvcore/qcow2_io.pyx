@@ -5,7 +5,8 @@ the end of the file, the one pending data write that contiguous requests extend,
 error state that nogil code fills and `q2_raise` turns into one Qcow2Error line."""
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EINTR, EINVAL, errno
+from posix.uio cimport pwritev
 from posix.unistd cimport fdatasync, pread, pwrite
 
 from hvcore.includes.endian cimport be64toh
@@ -53,6 +54,7 @@ cdef int q2_raise(Q2 *q, int rc) except -1:
         q.exc = NULL
     q.err = 0
     q.pw_len = 0
+    q.pw_niov = 0
     if code == E_CALLBACK and exc is not None:
         raise exc
     msg = {
@@ -80,14 +82,34 @@ cdef int q2_raise(Q2 *q, int rc) except -1:
     raise Qcow2Error("qcow2: " + msg, a if code == E_IO else 0)
 
 
+cdef inline bint aligned(uint64_t v) noexcept nogil:
+    return v % DIRECT_ALIGN == 0
+
+
 cdef int pread_exact(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil:
     """Read exactly `n` bytes at `off`, refusing anything past the end of the file."""
+    return pread_fd(q, q.fd, buf, n, off)
+
+
+cdef int pread_data(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil:
+    """pread_exact for guest data: through the O_DIRECT descriptor when there is one and
+    the request is aligned (cache=none), else through the page cache."""
+    cdef int rc
+    if q.dfd >= 0 and aligned(n) and aligned(off) and aligned(<uint64_t>buf):
+        rc = pread_fd(q, q.dfd, buf, n, off)
+        if rc == 0 or q.err != E_IO or q.ea != EINVAL:
+            return rc
+        q.err = 0                   # the device wants larger alignment: page cache
+    return pread_fd(q, q.fd, buf, n, off)
+
+
+cdef int pread_fd(Q2 *q, int fd, void *buf, uint64_t n, uint64_t off) noexcept nogil:
     cdef ssize_t r
     cdef uint64_t done = 0
     if off > q.file_end or n > q.file_end - off:
         return q2_fail(q, E_EOF, off, n)
     while done < n:
-        r = pread(q.fd, <uint8_t*>buf + done, n - done, off + done)
+        r = pread(fd, <uint8_t*>buf + done, n - done, off + done)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -133,21 +155,65 @@ cdef int q2_sync(Q2 *q) noexcept nogil:
 
 
 cdef int flush_pw(Q2 *q) noexcept nogil:
-    cdef int rc = 0
-    if q.pw_len:
-        rc = pwrite_all(q, q.pw_buf, q.pw_len, q.pw_host)
-        q.pw_len = 0
-    return rc
+    """Issue the pending data write (one pwritev, resumed after a short write)."""
+    cdef ssize_t r
+    cdef iovec *iov = q.pw_iov
+    cdef int cnt = q.pw_niov
+    cdef uint64_t off = q.pw_host, end = q.pw_host + q.pw_len
+    cdef int fd = q.fd, i
+    if q.pw_len == 0:
+        return 0
+    if q.dfd >= 0 and aligned(off) and aligned(q.pw_len):
+        fd = q.dfd
+        for i in range(cnt):
+            if not (aligned(<uint64_t>iov[i].iov_base) and aligned(iov[i].iov_len)):
+                fd = q.fd
+                break
+    q.pw_len = 0
+    q.pw_niov = 0
+    while cnt:
+        r = pwritev(fd, iov, cnt, off)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno == EINVAL and fd != q.fd:
+                fd = q.fd           # the device wants larger alignment: page cache
+                continue
+            return q2_fail(q, E_IO, errno, off)
+        off += r
+        while cnt and <size_t>r >= iov[0].iov_len:
+            r -= iov[0].iov_len
+            iov += 1
+            cnt -= 1
+        if cnt:
+            iov[0].iov_base = <uint8_t*>iov[0].iov_base + r
+            iov[0].iov_len -= r
+    if end > q.file_end:
+        q.file_end = end
+    return 0
 
 
 cdef int queue_pw(Q2 *q, uint64_t host, const uint8_t *buf, uint64_t n) noexcept nogil:
-    """Write data at `host`, merged with the pending write when both are contiguous."""
-    if q.pw_len and q.pw_host + q.pw_len == host and q.pw_buf + q.pw_len == buf:
-        q.pw_len += n
-        return 0
+    """Write data at `host` later, gathered with the pending write when the host offsets
+    are contiguous (the buffers need not be); the buffer must stay valid until flush_pw."""
+    cdef iovec *last
+    if q.pw_len and q.pw_host + q.pw_len == host:
+        last = &q.pw_iov[q.pw_niov - 1]
+        if <const uint8_t*>last.iov_base + last.iov_len == buf:
+            last.iov_len += n
+            q.pw_len += n
+            return 0
+        if q.pw_niov < PW_IOV:
+            q.pw_iov[q.pw_niov].iov_base = <void*>buf
+            q.pw_iov[q.pw_niov].iov_len = n
+            q.pw_niov += 1
+            q.pw_len += n
+            return 0
     if flush_pw(q) < 0:
         return -1
     q.pw_host = host
-    q.pw_buf = buf
+    q.pw_iov[0].iov_base = <void*>buf
+    q.pw_iov[0].iov_len = n
+    q.pw_niov = 1
     q.pw_len = n
     return 0

@@ -234,7 +234,10 @@ cdef int64_t alloc(Q2 *q, uint64_t n) noexcept nogil:
             q.nex -= 1
             return -1
     q.nex -= 1
-    if <uint64_t>start == q.free_hint:
+    # nothing below the hint is free; for one cluster that holds up to `start` too (a
+    # hint left on a cluster used by a refcount block or table would make every later
+    # allocation rescan everything allocated since)
+    if <uint64_t>start == q.free_hint or n == 1:
         q.free_hint = start + n
     return start << q.cluster_bits
 

@@ -163,3 +163,42 @@ def test_errors_are_one_line(tmp_path):
     done = img("info", "-f", "qcow2", bad, check_rc=False)
     assert done.returncode == 1
     assert done.stderr.strip() == "pyhv: unsupported qcow2 version 7"
+
+
+def test_write_batch_matches_single_writes(tmp_path):
+    """One batched call (zero skipping, gathered pwritev) leaves what single writes do."""
+    import pyhv.disk
+
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for p in (a, b):
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", p, "8M")
+    buf = bytearray(256 * 1024)
+    for i in range(0, len(buf), 12288):
+        buf[i:i + 5000] = bytes([i % 251 + 1]) * 5000
+    pieces = [(0, 0, 65536), (1 << 20, 65536, 65536), (3 << 20, 131072, 131072)]
+    with pyhv.disk.open(str(a), "qcow2") as d:
+        d.core.write_batch(buf, pieces, 4096)
+        d.flush()
+    with pyhv.disk.open(str(b), "qcow2") as d:
+        for g, off, n in pieces:
+            d.write(g, buf[off:off + n])
+        d.flush()
+    assert check(a)[0] == 0
+    assert qemu_img("compare", a, b, check=False).returncode == 0
+    extents = json.loads(img("map", "--output", "json", a).stdout)
+    assert (extents[0]["length"], extents[1]["data"]) == (8192, False)   # zeroes skipped
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_bench_direct_and_depth(tmp_path, fmt):
+    path = tmp_path / f"b.{fmt}"
+    qemu_img("create", "-f", fmt, path, "16M")
+    done = img("bench", "-w", "-t", "none", "-d", "8", "-c", "3000", "--pattern", "5",
+               "-f", fmt, path)
+    assert "8 in parallel" in done.stdout
+    img("bench", "-t", "none", "-d", "4", "-c", "3000", "-s", "64k", "-f", fmt, path)
+    if fmt == "qcow2":
+        assert check(path)[0] == 0
+    qemu_io(path, "read -P 5 0 4k", "read -P 5 8M 4k", fmt=fmt)
+    bad = img("bench", "-i", "io_uring", "-f", fmt, path, check_rc=False)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1

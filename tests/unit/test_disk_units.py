@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -82,3 +83,41 @@ def test_unknown_incompatible_bit_named_from_feature_table():
     h.extensions = [(hdr.EXT_FEATURES, struct.pack(">BB46s", 0, 9, b"time travel"))]
     with pytest.raises(DiskError, match="Unsupported qcow2 feature\\(s\\): time travel"):
         hdr.parse(h.pack() + bytes(65536), 1 << 20)
+
+
+def test_raw_extent_reader_and_piece_writer(tmp_path):
+    from hvcore.qcow2_pipe import read_raw_extents, write_raw_pieces
+
+    src = tmp_path / "s.raw"
+    with open(src, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write(b"\x05" * 8192)
+        f.seek(3 << 20)
+        f.write(b"\x00" * 4096 + b"\x06" * 4096)
+    buf = bytearray(64 * 1024)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        pieces, pos = [], 0
+        while pos < 4 << 20:
+            pos, got = read_raw_extents(fd, pos, 4 << 20, buf)
+            pieces += got
+            if got:
+                break
+    finally:
+        os.close(fd)
+    assert pieces[0][0] == 1 << 20 and pieces[0][1] == 0
+    dst = tmp_path / "d.raw"
+    with open(dst, "wb") as f:
+        f.truncate(4 << 20)
+    fd = os.open(dst, os.O_RDWR)
+    try:
+        data = bytearray(16384)
+        data[4096:8192] = b"\x07" * 4096
+        write_raw_pieces(fd, data, [(0, 0, 16384)], 4 << 20, 4096)   # zeroes skipped
+        with pytest.raises(ValueError):
+            write_raw_pieces(fd, data, [(4 << 20, 0, 4096)], 4 << 20)
+    finally:
+        os.close(fd)
+    assert dst.read_bytes()[:16384] == bytes(data)
+    assert os.stat(dst).st_blocks * 512 < 64 * 1024       # only the 4 KiB of data landed

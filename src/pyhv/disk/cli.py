@@ -245,5 +245,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench(args.filename, args.fmt, args.count, args.depth, parse_size(args.bufsize),
                 parse_size(args.step) if args.step else None, args.write,
                 parse_size(args.offset), args.pattern, args.flush_interval, args.cache,
-                args.quiet))
+                args.quiet, "native" if args.native else args.aio))
     return 0

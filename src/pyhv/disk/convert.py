@@ -1,10 +1,23 @@
 """`img convert`: copy only what the source chain allocates, skip zeroes (-S), and write
-compressed clusters (-c); the zero scan runs in hvcore.qcow2.nonzero_runs."""
+compressed clusters (-c).
+
+Reading, zero detection / compression and writing overlap, as qemu-img's do: a reader
+thread fills a few 2 MiB buffers (each gathers several data extents) and hands them over a
+bounded queue; the writer hands a whole buffer to hvcore.qcow2 (`write_batch`: zero scan and
+writes with the GIL released, contiguous host clusters in one pwritev) or, for raw targets,
+scans it with hvcore.qcow2.nonzero_runs; compression runs on a small thread pool (zlib and
+zstd release the GIL)."""
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pyhv.disk
 from hvcore.qcow2 import nonzero_runs
+from hvcore.qcow2_pipe import read_raw_extents, write_raw_pieces
 from pyhv.disk.cliutil import Progress
 from pyhv.disk.compress import compressor
 from pyhv.disk.create import create
@@ -57,41 +70,153 @@ def _ranges(s, size: int, align: int):
         yield tuple(cur)
 
 
+BUFFERS = 4                          # buffers in flight between reader and writer
+
+
+def _batches(ranges, chunk: int):
+    """Lists of (guest offset, length) totalling at most `chunk` bytes; ranges longer than
+    `chunk` are cut at `chunk` steps from their start."""
+    batch, used = [], 0
+    for a, b in ranges:
+        for pos in range(a, b, chunk):
+            n = min(chunk, b - pos)
+            if used + n > chunk:
+                yield batch
+                batch, used = [], 0
+            batch.append((pos, n))
+            used += n
+    if batch:
+        yield batch
+
+
+class _Reader(threading.Thread):
+    """Fills free buffers with batches of source extents; the free-buffer queue bounds
+    how far it runs ahead of the writer."""
+
+    def __init__(self, fill):
+        super().__init__(name="convert-reader", daemon=True)
+        self.fill = fill                    # fill(buffer) -> pieces, [] at the end
+        self.free: queue.Queue = queue.Queue()
+        self.full: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        for _ in range(BUFFERS):
+            self.free.put(memoryview(bytearray(CHUNK)))
+
+    def run(self) -> None:
+        try:
+            while True:
+                view = self._take()
+                if view is None:
+                    return
+                pieces = self.fill(view)
+                if not pieces:
+                    break
+                self.full.put((view, pieces))
+            self.full.put(None)
+        except BaseException as e:          # handed to the writer, which raises it
+            self.full.put(e)
+
+    def _take(self):
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def items(self):
+        """(buffer, pieces) in order; a reader error is raised here."""
+        try:
+            while True:
+                item = self.full.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                self.free.put(item[0])
+        finally:
+            self.stop.set()
+            self.join()
+
+
+def _fill_generic(s, batches):
+    """Batches of the source's data extents, read through its Disk (any format)."""
+    def fill(view: memoryview):
+        pieces, boff = [], 0
+        for pos, n in next(batches, ()):
+            s.read(pos, view[boff:boff + n])
+            pieces.append((pos, boff, n))
+            boff += n
+        return pieces
+    return fill
+
+
+def _fill_raw(s, size: int):
+    """A raw source: extents found and read by hvcore (one call per batch, no GIL)."""
+    pos = 0
+
+    def fill(view: memoryview):
+        nonlocal pos
+        pieces = []
+        while not pieces and pos < size:
+            pos, pieces = read_raw_extents(s.fd, pos, size, view)
+        return pieces
+    return fill
+
+
 def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int) -> None:
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     cs = d.core.cluster_size if d.format == "qcow2" else 4096
+    if s.format == "raw" and not compress:
+        fill = _fill_raw(s, size)
+    else:
+        fill = _fill_generic(s, _batches(_ranges(s, size, cs if compress else 1), CHUNK))
+    reader = _Reader(fill)
     squeeze = compressor(_ctype(d)) if compress else None
+    pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2)) if compress else None
     done = 0
-    for a, b in _ranges(s, size, cs if compress else 1):
-        for pos in range(a, b, CHUNK):
-            chunk = view[:min(CHUNK, b - pos)]
-            s.read(pos, chunk)
+    reader.start()
+    try:
+        for view, pieces in reader.items():
             if compress:
-                _write_compressed(d, pos, chunk, cs, squeeze)
-            elif sparse:
-                for x, y in nonzero_runs(chunk, sparse):
-                    d.write(pos + x, chunk[x:y])
+                _write_compressed(d, view, pieces, cs, squeeze, pool)
+            elif d.format == "qcow2":
+                d.core.write_batch(view, pieces, sparse)
+            elif d.format == "raw" and not d.probed:
+                write_raw_pieces(d.fd, view, pieces, d.size, sparse)
             else:
-                d.write(pos, chunk)
-            done += len(chunk)
+                for pos, boff, n in pieces:
+                    chunk = view[boff:boff + n]
+                    for x, y in nonzero_runs(chunk, sparse) if sparse else [(0, n)]:
+                        d.write(pos + x, chunk[x:y])
+            done += sum(n for _p, _b, n in pieces)
             bar.update(done)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     bar.done()
 
 
-def _write_compressed(d, pos: int, chunk: memoryview, cs: int, squeeze) -> None:
-    for a in range(0, len(chunk), cs):
-        piece = chunk[a:a + cs]
+def _write_compressed(d, view: memoryview, pieces, cs: int, squeeze, pool) -> None:
+    """Compress the full clusters of a buffer on the pool, then write them in order."""
+    clusters = [(pos + a, view[boff + a:boff + min(a + cs, n)])
+                for pos, boff, n in pieces for a in range(0, n, cs)]
+
+    def pack(piece):
         if not nonzero_runs(piece, len(piece)):
+            return None                      # all zeroes: nothing to write
+        if len(piece) < cs:                  # the last, short cluster: written as is
+            return piece
+        return squeeze(piece)
+
+    packed_all = pool.map(pack, [c for _p, c in clusters])
+    for (pos, piece), packed in zip(clusters, packed_all, strict=True):
+        if packed is None:
             continue
-        if len(piece) < cs:                      # the last, short cluster: write as is
-            d.write(pos + a, piece)
-            continue
-        packed = squeeze(piece)
-        if len(packed) < cs:
-            d.core.write_compressed(pos + a, packed)
+        if packed is not piece and len(packed) < cs:
+            d.core.write_compressed(pos, packed)
         else:
-            d.write(pos + a, piece)
+            d.write(pos, piece)
 
 
 def _ctype(d) -> str:
