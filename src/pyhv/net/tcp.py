@@ -27,7 +27,9 @@ STATES = ("CONNECTING", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT", "FI
 WSCALE = 7                      # our window scale: windows up to 8 MiB
 MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
 MAX_RETRIES = 8
-READ_CHUNK = 256 << 10          # room offered to each host read
+READ_CHUNK = 256 << 10          # largest host read
+FIRST_READ = 16 << 10           # a new flow's buffer (short connections stay cheap)
+MIN_ROOM = 16 << 10             # grow (doubling) or compact when less room is left
 
 
 def unwrap(value: int, ref: int) -> int:
@@ -456,10 +458,11 @@ class TcpConn:
     def host_buffer(self) -> memoryview:
         """Room for the next host read, after the data waiting in sbuf. A new bytearray
         replaces a full one (never resized: the last view handed out may still exist)."""
-        if len(self.sbuf) - self.s_tail < READ_CHUNK // 4:
+        if len(self.sbuf) - self.s_tail < MIN_ROOM:
             n = self.s_tail - self.s_head
-            size = max(n + READ_CHUNK, min(2 * len(self.sbuf), 2 * self.snd_cap + READ_CHUNK))
-            if size <= len(self.sbuf) and self.s_head:
+            size = min(2 * self.snd_cap + READ_CHUNK,
+                       max(FIRST_READ, 2 * len(self.sbuf), n + 4 * MIN_ROOM))
+            if size <= len(self.sbuf):        # at the limit: waiting bytes move to the front
                 self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]   # same length: memmove
             else:
                 new = bytearray(size)
