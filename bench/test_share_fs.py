@@ -143,6 +143,7 @@ def test_share_rows(mounts, record, benchmark):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)          # 50k files written natively and copied onto both mounts
 def test_share_git_status_50k(mounts, record, benchmark):
     dirs, base = mounts
     src = base / "gitsrc"
@@ -151,7 +152,8 @@ def test_share_git_status_50k(mounts, record, benchmark):
         if i < 500:
             sub.mkdir(parents=True)
         (sub / f"f{i}").write_text(str(i))
-    git = ["git", "-c", "safe.directory=*"]
+    # no background auto-gc: it would pack objects away while the tree is being copied
+    git = ["git", "-c", "safe.directory=*", "-c", "gc.auto=0"]
     subprocess.run([*git, "init", "-q", str(src)], check=True)
     subprocess.run([*git, "add", "-A"], cwd=src, check=True)
     subprocess.run([*git, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "x"],

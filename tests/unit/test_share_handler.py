@@ -256,3 +256,18 @@ def test_open_file_survives_unlink_and_eviction(tree):
         assert lookup(s, b"file")[0] == -errno.ENOENT
     finally:
         s.close()
+
+
+def test_read_and_write_go_through_the_c_fast_path(server, tree):
+    """After INIT, READ / WRITE on an open file are answered by fsops.FileTable."""
+    assert server.files.enabled
+    _, node = lookup(server, b"file")
+    err, _, payload = call(server, fp.OPEN, OPEN_IN.pack(os.O_RDWR, 0), nodeid=node)
+    fh = struct.unpack_from("=Q", payload)[0]
+    req = request(fp.WRITE, READ_IN.pack(fh, 6, 4, 0, 0, 0, 0) + b"-now")
+    out = bytearray(256)
+    assert server.files.serve(req, out) == 24 and server.files.written(fh)
+    req = request(fp.READ, READ_IN.pack(fh, 0, 100, 0, 0, 0, 0))
+    n = server.files.serve(req, out)
+    assert reply([out[:n]])[::2] == (0, b"inside-now")
+    assert (tree[0] / "file").read_text() == "inside-now"

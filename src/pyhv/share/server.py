@@ -181,6 +181,7 @@ class FuseServer(MetaOps, DataOps, LockOps):
             want |= F["AUTO_INVAL_DATA"]
         self.negotiated = flags & want
         self.proto_minor = min(minor, fp.KERNEL_MINOR)
+        self.files.enabled = True         # READ / WRITE answered in C from now on
         max_pages = self.opts.max_write // 4096
         return [fp.init_reply(unique, self.proto_minor, max_readahead, self.negotiated,
                               64, 48, self.opts.max_write, 1, max_pages)]
