@@ -317,7 +317,7 @@ def test_memory_stays_bounded_when_peers_stop_reading(ns):
 
     threading.Thread(target=flood_guest, daemon=True).start()
     sink = ns.popen(ns_python(), ns_client_path(), "sink", ALIAS,
-                    str(loud.getsockname()[1]), "4", stdout=subprocess.PIPE)
+                    str(loud.getsockname()[1]), "60", stdout=subprocess.PIPE)
     try:
         seen = []
         for _ in range(40):                    # until reading from the host has stopped
@@ -327,6 +327,7 @@ def test_memory_stays_bounded_when_peers_stop_reading(ns):
             threading.Event().wait(0.05)
         assert cap // 2 <= max(seen) <= cap + (256 << 10), seen
     finally:
+        sink.kill()
         sink.wait(timeout=30)
         for c in held:
             (c[0] if isinstance(c, tuple) else c).close()
