@@ -202,3 +202,13 @@ def test_bench_direct_and_depth(tmp_path, fmt):
     qemu_io(path, "read -P 5 0 4k", "read -P 5 8M 4k", fmt=fmt)
     bad = img("bench", "-i", "io_uring", "-f", fmt, path, check_rc=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_grow_with_backing_zeroes_the_new_area(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "4M")
+    qemu_io(base, "write -P 3 0 4M")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1000000")
+    img("resize", top, "3M")
+    qemu_io(top, "read -P 3 0 1000448", "read -P 0 1000448 2145280")   # 512-byte rounded
+    assert check(top)[0] == 0

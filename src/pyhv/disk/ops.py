@@ -15,7 +15,8 @@ CHUNK = 2 << 20
 def resize(path: str, fmt: str | None, size_text: str, shrink: bool) -> None:
     from pyhv.disk.cliutil import parse_size
 
-    with pyhv.disk.open(path, fmt, backing=False) as disk:
+    # with the backing file open: growing zeroes the new area over it, as QEMU does
+    with pyhv.disk.open(path, fmt) as disk:
         if size_text[:1] in "+-":
             delta = parse_size(size_text[1:])
             size = disk.size + delta if size_text[0] == "+" else disk.size - delta

@@ -187,12 +187,20 @@ class Qcow2Disk:
                                     f"(data past {size:#x})")
         if self.snapshots and size != core.size:
             raise DiskError("Can't resize an image which has snapshots")
+        old = core.size
         entries = core.cluster_size // (16 if core.extended else 8)
         need = -(-size // (core.cluster_size * entries))
         if need > core.l1_size:
             core.grow_l1(need)
         core.set_size(size)
         self.header.size = size
+        if self.backing is not None and size > old and not self.readonly:
+            # as QEMU: the grown area reads as zeroes, not as the backing file's bytes there
+            # (v2 has no zero flag: real zeroes, only where the backing file would show)
+            end = size if core.v3 else min(size, max(old, self.backing.size))
+            if end > old:
+                self.write_zeroes(old, end - old)
+                core.flush()
 
     def close(self) -> None:
         if self.core is not None:
