@@ -3,7 +3,7 @@
 set -euo pipefail
 pkgs=(gcc make python3-dev python3-venv qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd
       xz-utils bzip2 iproute2 kmod acpica-tools util-linux
-      fuse3 bindfs fio iperf3 git)
+      fuse3 bindfs fio iperf3 git slirp4netns passt dnsmasq-base curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
