@@ -20,6 +20,7 @@ from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memchr, memcpy, memset, strlen
 from posix.unistd cimport lseek, read, write, pread, pwrite, close
 from libc.errno cimport EINTR, EAGAIN, ENOENT
+from posix.fcntl cimport O_CREAT
 
 from hvcore.includes.fuse cimport (fuse_dirent, FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS,
                                    fuse_in_header, fuse_out_header, fuse_read_in,
@@ -193,35 +194,75 @@ def list_dir(int fd, int64_t offset, uint32_t size) -> list:
 # ---------------------------------------------------------------------------------------------
 # Lookups that stay inside their directory, ownership and space calls, inotify records.
 
+DEF HANDLE_MAX = 128           # MAX_HANDLE_SZ
+DEF HANDLE_HEADER = 8          # struct file_handle before f_handle
+DEF HANDLE_WORDS = 17          # (HANDLE_HEADER + HANDLE_MAX) / 8
+
 cdef int _have_openat2 = 1
+
+
+cdef long _open_beneath(int dirfd, const char *p, int flags, int mode,
+                        int *err) noexcept nogil:
+    global _have_openat2
+    cdef open_how how
+    cdef long fd = -1
+    memset(&how, 0, sizeof(how))
+    how.flags = <uint64_t>(flags | O_NOFOLLOW)
+    how.mode = <uint64_t>mode if flags & O_CREAT else 0
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    err[0] = 0
+    if _have_openat2:
+        fd = syscall(SYS_openat2, dirfd, p, &how, sizeof(how))
+        if fd < 0:
+            err[0] = errno
+            if err[0] == ENOSYS:
+                _have_openat2 = 0
+    if not _have_openat2:
+        fd = openat(dirfd, p, flags | O_NOFOLLOW, mode)
+        err[0] = errno if fd < 0 else 0
+    return fd
 
 
 def open_beneath(int dirfd, bytes name not None, int flags, int mode=0) -> int:
     """openat2(dirfd, name, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): nothing outside
     dirfd can be reached, no symlink is followed (a trailing one with O_PATH|O_NOFOLLOW gives
     the link itself). Falls back to openat(O_NOFOLLOW) on kernels without openat2."""
-    global _have_openat2
-    cdef open_how how
     cdef const char *p = name
-    cdef long fd = -1
+    cdef long fd
     cdef int err = 0
-    memset(&how, 0, sizeof(how))
-    how.flags = <uint64_t>(flags | O_NOFOLLOW)
-    how.mode = <uint64_t>mode if flags & _os.O_CREAT else 0
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
     with nogil:
-        if _have_openat2:
-            fd = syscall(SYS_openat2, dirfd, p, &how, sizeof(how))
-            if fd < 0:
-                err = errno
-                if err == ENOSYS:
-                    _have_openat2 = 0
-        if not _have_openat2:
-            fd = openat(dirfd, p, flags | O_NOFOLLOW, mode)
-            err = errno if fd < 0 else 0
+        fd = _open_beneath(dirfd, p, flags, mode, &err)
     if fd < 0:
         raise OSError(err, _os.strerror(err))
     return fd
+
+
+def lookup_at(int dirfd, bytes name not None, int flags, bint want_handle) -> tuple:
+    """A whole lookup in one release of the GIL: `open_beneath(dirfd, name, flags)`, the
+    descriptor's stat and, with `want_handle`, its file handle. Returns `(fd, Stat, mount_id,
+    handle)`; handle is None when not wanted or the file system has none."""
+    cdef Stat s = Stat.__new__(Stat)
+    cdef uint64_t hbuf[HANDLE_WORDS]
+    cdef file_handle *h = <file_handle *>hbuf
+    cdef const char *p = name
+    cdef int mount_id = 0, err = 0, herr = 1
+    cdef long fd
+    h.handle_bytes = HANDLE_MAX
+    with nogil:
+        fd = _open_beneath(dirfd, p, flags, 0, &err)
+        if fd >= 0:
+            if fstatat(<int>fd, "", &s.st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
+                err = errno
+                close(<int>fd)
+                fd = -1
+            elif want_handle:
+                herr = name_to_handle_at(<int>fd, "", h, &mount_id, AT_EMPTY_PATH)
+    if fd < 0:
+        raise OSError(err, _os.strerror(err))
+    handle = None
+    if want_handle and herr == 0 and h.handle_bytes <= HANDLE_MAX:
+        handle = PyBytes_FromStringAndSize(<const char *>hbuf, HANDLE_HEADER + h.handle_bytes)
+    return fd, s, mount_id, handle
 
 
 def chown_fd(int fd, uint32_t uid, uint32_t gid) -> None:
@@ -258,9 +299,6 @@ def fallocate_fd(int fd, int mode, int64_t offset, int64_t length) -> None:
 # ---------------------------------------------------------------------------------------------
 # File handles: an inode named without a descriptor (virtiofsd --inode-file-handles).
 
-DEF HANDLE_MAX = 128           # MAX_HANDLE_SZ
-DEF HANDLE_HEADER = 8          # struct file_handle before f_handle
-DEF HANDLE_WORDS = 17          # (HANDLE_HEADER + HANDLE_MAX) / 8
 HANDLE_SIZE_MAX = HANDLE_HEADER + HANDLE_MAX
 
 

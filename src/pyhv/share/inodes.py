@@ -263,22 +263,28 @@ class InodeTable:
 
     def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, fs.Stat]:
         """Resolve one component and count one lookup (the client will FORGET it)."""
-        fd = self.open_child(parent, name)
-        try:
-            s = fs.lstat_at(fd, b"")
-        except OSError:
-            os.close(fd)
-            raise
-        return self.adopt(fd, s), s
+        if name == b"." or name == b"..":
+            fd = self.open_child(parent, name)
+            try:
+                s = fs.lstat_at(fd, b"")
+            except OSError:
+                os.close(fd)
+                raise
+            return self.adopt(fd, s), s
+        # open (RESOLVE_BENEATH), stat and file handle in one call without the GIL
+        fd, s, mount_id, handle = fs.lookup_at(parent.fd, name, O_PATH_FLAGS, self.use_handles)
+        return self.adopt(fd, s, (mount_id, handle)), s
 
-    def adopt(self, fd: int, s: fs.Stat) -> Inode:
-        """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup)."""
+    def adopt(self, fd: int, s: fs.Stat, ident: tuple | None = None) -> Inode:
+        """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup);
+        `ident` is its (mount id, file handle) when the caller has them already."""
         key = (s.dev, s.ino)
         handle, mount_fd = None, -1
         if self.use_handles:
             try:
-                mount_id, handle = fs.handle_of(fd)
-                mount_fd = self._mount_fd(mount_id, fd, s)
+                mount_id, handle = fs.handle_of(fd) if ident is None else ident
+                if handle is not None:
+                    mount_fd = self._mount_fd(mount_id, fd, s)
             except OSError:
                 handle = None            # a file system without handles: keep the fd
             if mount_fd < 0:
