@@ -20,7 +20,7 @@ barrier, L1, barrier, then the refcount decrements of clusters dropped since the
 barrier. Freed clusters are reused only after that. A crash leaves at most leaked clusters.
 """
 
-from cpython.ref cimport PyObject, Py_XDECREF
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from posix.stdlib cimport posix_memalign
@@ -31,7 +31,8 @@ from hvcore.qcow2_check cimport run_check
 from hvcore.qcow2_codec cimport put_compressed
 from hvcore.qcow2_data cimport do_read, do_write, do_zero, write_pieces
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, K_COMP, K_DATA, OFF_MASK, Q2,
-                              RT_MASK, pwrite_all, q2_raise, q2_sync, read_table)
+                              RT_MASK, pwrite_all, q2_lock, q2_lock_destroy, q2_lock_init,
+                              q2_raise, q2_sync, q2_unlock, q2_unlock_rc, read_table)
 from hvcore.qcow2_l2 cimport (classify, do_flush, l1_grow, l2_entry, l2_get, l2_init,
                               l2_release, set_entry)
 from hvcore.qcow2_refcount cimport alloc, meta_set, rc_init, rc_release
@@ -44,12 +45,19 @@ from hvcore.qcow2_io import Qcow2Error
 KIND_NAMES = ("unallocated", "data", "zero", "compressed")
 
 
+cdef inline void lock(Q2 *q) noexcept:
+    """Take the image lock from code holding the GIL (released while waiting for it)."""
+    with nogil:
+        q2_lock(q)
+
+
 cdef class Qcow2:
     """One open qcow2 file: tables, caches and the per-cluster read/write/zero loops.
 
     Built by pyhv.disk.qcow2 after it has parsed and validated the header."""
 
     cdef Q2 q
+    cdef bint _locked
     cdef object _backing_read
     cdef object _decompress
 
@@ -59,6 +67,9 @@ cdef class Qcow2:
                   uint64_t file_end, uint64_t l2_cache=0, uint64_t rb_cache=0):
         cdef Q2 *q = &self.q
         q.fd = q.dfd = -1
+        if q2_lock_init(q) < 0:
+            raise MemoryError("cannot create the qcow2 image lock")
+        self._locked = True
         if not 9 <= cluster_bits <= 21:
             raise Qcow2Error(f"cluster_bits {cluster_bits} is outside 9..21")
         if not 0 <= refcount_order <= 6:
@@ -118,8 +129,8 @@ cdef class Qcow2:
         free(self.q.scratch)
         free(self.q.cbuf)
         free(self.q.dbuf)
-        Py_XDECREF(self.q.exc)
-        self.q.exc = NULL
+        if self._locked:
+            q2_lock_destroy(&self.q)
         if self.q.fd >= 0:
             os.close(self.q.fd)
         if self.q.dfd >= 0:
@@ -224,8 +235,11 @@ cdef class Qcow2:
         cdef uint32_t cb = self.q.cluster_bits
         if length == 0:
             return 0
-        hits = meta_set(&self.q, offset >> cb,
-                        ((offset + length - 1) >> cb) - (offset >> cb) + 1, True)
+        with nogil:
+            q2_lock(&self.q)
+            hits = meta_set(&self.q, offset >> cb,
+                            ((offset + length - 1) >> cb) - (offset >> cb) + 1, True)
+            q2_unlock(&self.q)
         q2_raise(&self.q, hits)
         return hits
 
@@ -268,11 +282,13 @@ cdef class Qcow2:
         try:
             q2_raise(q, read_table(q, tbl, l1_size, l1_offset))
             bad += self.mark_metadata(l1_offset, l1_size * 8)
+            lock(q)
             for i in range(l1_size):
                 off = tbl[i] & OFF_MASK
                 if off and (off & q.cmask) == 0:
                     # a snapshot's L2 table is usually shared with the active one
                     meta_set(q, off >> q.cluster_bits, 1, True)
+            q2_unlock(q)
         finally:
             free(tbl)
         return bad
@@ -283,7 +299,8 @@ cdef class Qcow2:
         """Write back cached metadata in crash-safe order and fdatasync."""
         cdef int rc
         with nogil:
-            rc = do_flush(&self.q)
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, do_flush(&self.q))
         q2_raise(&self.q, rc)
 
     def map_range(self, uint64_t offset, uint64_t length):
@@ -296,7 +313,9 @@ cdef class Qcow2:
             raise Qcow2Error(f"qcow2: map of {offset:#x}+{length:#x} is outside the disk")
         while length:
             with nogil:
+                q2_lock(&self.q)
                 k = classify(&self.q, offset, length, &n, &host)
+                q2_unlock(&self.q)
             q2_raise(&self.q, k)
             if last is not None and last[2] == KIND_NAMES[k] and (
                     k != K_DATA or prev_host + last[1] == host) and k != K_COMP:
@@ -369,7 +388,8 @@ cdef class Qcow2:
                 self.check_writable("write", g, ln)
                 arr[3 * i], arr[3 * i + 1], arr[3 * i + 2] = g, b, ln
             with nogil:
-                rc = write_pieces(&self.q, &buf[0], arr, n, granule)
+                q2_lock(&self.q)
+                rc = q2_unlock_rc(&self.q, write_pieces(&self.q, &buf[0], arr, n, granule))
             q2_raise(&self.q, rc)
         finally:
             free(arr)
@@ -383,7 +403,8 @@ cdef class Qcow2:
         if offset % unit or (length % unit and offset + length != self.q.size):
             raise ValueError("zero() needs a range aligned to the zero unit")
         with nogil:
-            rc = do_zero(&self.q, offset, length, False)
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, do_zero(&self.q, offset, length, False))
         q2_raise(&self.q, rc)
 
     def unmap(self, uint64_t offset, uint64_t length):
@@ -394,7 +415,8 @@ cdef class Qcow2:
         if offset > self.q.size or length > self.q.size - offset or offset % self.zero_unit:
             raise ValueError("unmap() needs an aligned range inside the disk")
         with nogil:
-            rc = do_zero(&self.q, offset, length, True)
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, do_zero(&self.q, offset, length, True))
         q2_raise(&self.q, rc)
 
     def write_compressed(self, uint64_t offset, const unsigned char[::1] data not None):
@@ -407,7 +429,8 @@ cdef class Qcow2:
                 n >= self.q.cluster_size:
             raise ValueError("write_compressed needs a cluster offset and less than a cluster")
         with nogil:
-            rc = put_compressed(&self.q, offset, &data[0], n)
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, put_compressed(&self.q, offset, &data[0], n))
         q2_raise(&self.q, rc)
 
     def discard_pending(self):
@@ -422,7 +445,11 @@ cdef class Qcow2:
             return
         if new_size > (32 << 20) // 8:
             raise Qcow2Error(f"qcow2: an L1 table of {new_size} entries is too large")
-        q2_raise(&self.q, l1_grow(&self.q, new_size))
+        cdef int rc
+        with nogil:
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, l1_grow(&self.q, new_size))
+        q2_raise(&self.q, rc)
 
     def set_size(self, uint64_t size):
         """Record a new virtual size (the L1 table must already cover it) and sync."""
@@ -433,13 +460,17 @@ cdef class Qcow2:
         cdef int rc
         if need > q.l1_size:
             raise Qcow2Error("qcow2: the L1 table is too small for that size")
-        rc = do_flush(q)
-        if rc == 0:
-            rc = pwrite_all(q, &be, 8, 24)
-        if rc == 0:
-            rc = q2_sync(q)
+        with nogil:
+            q2_lock(q)
+            rc = do_flush(q)
+            if rc == 0:
+                rc = pwrite_all(q, &be, 8, 24)
+            if rc == 0:
+                rc = q2_sync(q)
+            if rc == 0:
+                q.size = size
+            q2_unlock_rc(q, rc)
         q2_raise(q, rc)
-        q.size = size
 
     def preallocate(self):
         """Point every unallocated cluster at a fresh host cluster (preallocation=metadata);
@@ -451,6 +482,7 @@ cdef class Qcow2:
         cdef int32_t s
         cdef int rc = 0
         with nogil:
+            q2_lock(q)
             for gc in range(ncl):
                 s = l2_get(q, gc >> q.l2_bits, True)
                 if s < 0:
@@ -469,36 +501,48 @@ cdef class Qcow2:
                     break
             if rc == 0:
                 rc = do_flush(q)
+            q2_unlock_rc(q, rc)
         q2_raise(q, rc)
         return top
 
     # -- bench and check ------------------------------------------------------------------
 
     def bench(self, bint write, uint64_t count, uint64_t bufsize, uint64_t step,
-              uint64_t offset, int pattern, uint64_t flush_interval):
-        """The `img bench` request loop, run here so Python costs nothing per request."""
+              uint64_t offset, int pattern, uint64_t flush_interval, uint64_t first=0,
+              uint64_t stride=1):
+        """The `img bench` request loop, run here so Python costs nothing per request:
+        requests first, first+stride, ... (< count) placed as `qemu-img bench` places them
+        (the offset advances by `step` modulo the size, back to 0 where the buffer would
+        not fit). Several threads may run it at once with different `first` (the GIL is
+        released throughout), so `stride` requests are in flight; the one whose number is
+        a multiple of `flush_interval` flushes."""
         cdef uint8_t *buf
         cdef uint64_t i, off = offset
         cdef int rc = 0
         cdef Q2 *q = &self.q
-        if bufsize > q.size:
-            raise Qcow2Error("qcow2: the bench buffer is larger than the image")
+        if bufsize > q.size or bufsize == 0:
+            raise Qcow2Error("qcow2: the bench buffer must fit in the image")
         if write and q.readonly:
             raise Qcow2Error("qcow2: the image is open read-only")
-        if posix_memalign(<void**>&buf, 4096, max(bufsize, 1)) != 0:
+        if stride == 0 or first >= stride:
+            raise ValueError("bench needs first < stride")
+        if posix_memalign(<void**>&buf, 4096, bufsize) != 0:
             raise MemoryError()
         memset(buf, pattern, bufsize)
         with nogil:
             for i in range(count):
                 if off + bufsize > q.size:
                     off = 0
-                rc = do_write(q, off, buf, bufsize) if write else do_read(q, off, buf, bufsize)
-                if rc < 0:
-                    break
-                if flush_interval and (i + 1) % flush_interval == 0:
-                    rc = do_flush(q)
+                if i % stride == first:
+                    rc = do_write(q, off, buf, bufsize) if write else \
+                        do_read(q, off, buf, bufsize)
                     if rc < 0:
                         break
+                    if flush_interval and (i + 1) % flush_interval == 0:
+                        q2_lock(q)
+                        rc = q2_unlock_rc(q, do_flush(q))
+                        if rc < 0:
+                            break
                 off = (off + step) % q.size
         free(buf)
         q2_raise(q, rc)
@@ -509,4 +553,8 @@ cdef class Qcow2:
         `l1_tables` is [(offset, entries, active)] (active first), `fixed` the other
         metadata ranges [(offset, length)] (header, snapshot table). `fix` 1 repairs leaks,
         2 everything. Returns a dict of counts and qemu-img style messages."""
-        return run_check(&self.q, l1_tables, fixed, fix)
+        lock(&self.q)
+        try:
+            return run_check(&self.q, l1_tables, fixed, fix)
+        finally:
+            q2_unlock_rc(&self.q, -1)

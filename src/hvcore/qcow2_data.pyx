@@ -6,7 +6,14 @@ of a partial cluster (backing file, zeroes, compressed or shared data) or only t
 subclusters with extended L2 entries; and zeroing / unmapping through metadata only.
 
 Every data write is checked against the metadata map first, so a corrupt L2 entry that
-points into a table raises instead of overwriting it."""
+points into a table raises instead of overwriting it.
+
+Concurrency: do_read and do_write are safe to call from several threads at once. They look
+the mapping up under the image lock and do the preads / pwrites of clusters that are
+already mapped (and backing-file reads) outside it; everything that changes metadata
+(allocation, copy-on-write of partial clusters, the subcluster bitmap) runs under the lock,
+data included, so allocating writes to one cluster are serialised and the second one finds
+the cluster mapped. The other functions here expect the caller to hold the lock."""
 
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.memoryview cimport PyMemoryView_FromMemory
@@ -18,8 +25,9 @@ from posix.unistd cimport ftruncate
 from hvcore.qcow2_codec cimport all_zero, read_compressed
 from hvcore.qcow2_io cimport (ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, E_DATA_ALIGN, E_IO,
                               E_L1_RANGE, E_META, K_COMP, K_DATA, K_UNALLOC, OFF_MASK, Q2,
-                              ZEROF, flush_pw, pread_data, pwrite_all, q2_fail, q2_store_exc,
-                              queue_pw)
+                              ZEROF, flush_pw, io_begin, io_end, pread_data, pwrite_all,
+                              pwrite_data, q2_fail, q2_lock, q2_store_exc, q2_unlock,
+                              q2_unlock_rc, queue_pw)
 from hvcore.qcow2_l2 cimport classify, l2_bitmap, l2_entry, l2_get, set_entry
 from hvcore.qcow2_refcount cimport alloc, free_entry, is_meta
 
@@ -54,8 +62,8 @@ cdef int read_pending(Q2 *q, int k, uint64_t host, uint64_t goff, uint8_t *buf,
     return 0
 
 
-cdef int do_read(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil:
-    """Fill `buf` with `n` guest bytes at `off` (the caller checked the range)."""
+cdef int read_locked(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil:
+    """Fill `buf` with `n` guest bytes at `off`, all under the lock the caller holds."""
     cdef int k, pk = -1
     cdef uint64_t len_, host = 0, p_host = 0, p_goff = 0, p_len = 0
     cdef uint8_t *p_buf = NULL
@@ -81,6 +89,62 @@ cdef int do_read(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil:
     return read_pending(q, pk, p_host, p_goff, p_buf, p_len)
 
 
+cdef enum:
+    XN = 32                    # extents looked up per lock hold
+
+
+ctypedef struct Ext:
+    uint64_t at                # K_DATA: host offset; K_UNALLOC: guest offset (backing)
+    uint8_t *buf
+    uint64_t n
+    int kind
+
+
+cdef int do_read(Q2 *q, uint64_t off, uint8_t *buf, uint64_t n) noexcept nogil:
+    """Fill `buf` with `n` guest bytes at `off` (the caller checked the range), safe
+    against concurrent requests: up to XN extents are mapped under the lock (compressed
+    ones decompressed there, zeroes filled), then read outside it."""
+    cdef Ext ex[XN]
+    cdef int k, nx, i, rc = 0
+    cdef uint64_t len_, host = 0, at
+    while n and rc == 0:
+        nx = 0
+        q2_lock(q)
+        io_begin(q)
+        while n and nx < XN:
+            k = classify(q, off, n, &len_, &host)
+            if k < 0:
+                rc = -1
+                break
+            if k == K_DATA or (k == K_UNALLOC and q.has_backing):
+                at = host if k == K_DATA else off
+                if nx and ex[nx - 1].kind == k and ex[nx - 1].buf + ex[nx - 1].n == buf and \
+                        ex[nx - 1].at + ex[nx - 1].n == at:
+                    ex[nx - 1].n += len_
+                else:
+                    ex[nx].at, ex[nx].buf, ex[nx].n, ex[nx].kind = at, buf, len_, k
+                    nx += 1
+            elif k == K_COMP:
+                if read_compressed(q, host, off & q.cmask, buf, len_) < 0:
+                    rc = -1
+                    break
+            else:
+                memset(buf, 0, len_)
+            buf += len_
+            off += len_
+            n -= len_
+        q2_unlock(q)
+        i = 0
+        while rc == 0 and i < nx:
+            if ex[i].kind == K_DATA:
+                rc = pread_data(q, ex[i].buf, ex[i].n, ex[i].at)
+            else:
+                rc = read_backing(q, ex[i].at, ex[i].buf, ex[i].n)
+            i += 1
+        io_end(q)
+    return rc
+
+
 # -- write ----------------------------------------------------------------------------------
 
 cdef int cow_write(Q2 *q, uint64_t gbase, uint64_t lo, uint64_t hi, uint64_t host,
@@ -89,7 +153,7 @@ cdef int cow_write(Q2 *q, uint64_t gbase, uint64_t lo, uint64_t hi, uint64_t hos
     contents (backing, zeroes, compressed or old data), read only where not covered."""
     if in_c == lo and in_c + n == hi:
         return queue_pw(q, host + lo, buf, n)
-    if flush_pw(q) < 0 or do_read(q, gbase + lo, q.scratch, hi - lo) < 0:
+    if flush_pw(q) < 0 or read_locked(q, gbase + lo, q.scratch, hi - lo) < 0:
         return -1
     memcpy(q.scratch + (in_c - lo), buf, n)
     return pwrite_all(q, q.scratch, hi - lo, host + lo)
@@ -180,11 +244,73 @@ cdef int write_range(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexce
     return 0
 
 
+cdef bint in_place(Q2 *q, uint64_t gc, uint64_t in_c, uint64_t n,
+                   uint64_t *phost) noexcept nogil:
+    """Under the lock: whether [in_c, in_c+n) of guest cluster `gc` may be written straight
+    into its host cluster (mapped, not shared, no copy-on-write, no metadata change); any
+    doubt (including errors) answers no and leaves the case to write_cluster."""
+    cdef uint64_t l1i = gc >> q.l2_bits
+    cdef uint64_t l2i = gc & ((1ULL << q.l2_bits) - 1)
+    cdef uint64_t e, off, bm, mask
+    cdef int32_t s
+    if l1i >= q.l1_size or not (q.l1[l1i] & COPIED):
+        return False
+    s = l2_get(q, l1i, False)
+    if s < 0:
+        return False
+    e = l2_entry(q, s, l2i)
+    off = e & OFF_MASK
+    if not (e & COPIED) or off == 0 or (e & COMPRESSED) or off & q.cmask or \
+            is_meta(q, off >> q.cluster_bits) or off + q.cluster_size > q.file_end:
+        return False
+    if q.extended:
+        bm = l2_bitmap(q, s, l2i)
+        mask = ((1ULL << (((in_c + n - 1) >> q.sc_bits) - (in_c >> q.sc_bits) + 1)) - 1) \
+            << (in_c >> q.sc_bits)
+        if (bm & mask) != mask:
+            return False
+    elif e & ZEROF:
+        return False
+    phost[0] = off + in_c
+    return True
+
+
 cdef int do_write(Q2 *q, uint64_t off, const uint8_t *buf, uint64_t n) noexcept nogil:
-    """Write `n` guest bytes at `off` (the caller checked the range and read-only)."""
-    if write_range(q, off, buf, n) < 0:
-        return -1
-    return flush_pw(q)
+    """Write `n` guest bytes at `off` (the caller checked the range and read-only), safe
+    against concurrent requests: clusters already mapped get their data outside the lock,
+    the others are allocated and written (with copy-on-write) under it."""
+    cdef Ext ex[XN]
+    cdef int nx, i, rc = 0
+    cdef uint64_t in_c, len_, host = 0
+    while n and rc == 0:
+        nx = 0
+        q2_lock(q)
+        io_begin(q)
+        while n and nx < XN:
+            in_c = off & q.cmask
+            len_ = min(n, q.cluster_size - in_c)
+            if in_place(q, off >> q.cluster_bits, in_c, len_, &host):
+                if nx and ex[nx - 1].at + ex[nx - 1].n == host and \
+                        ex[nx - 1].buf + ex[nx - 1].n == buf:
+                    ex[nx - 1].n += len_
+                else:
+                    ex[nx].at, ex[nx].buf, ex[nx].n, ex[nx].kind = host, <uint8_t*>buf, len_, K_DATA
+                    nx += 1
+            elif write_cluster(q, off >> q.cluster_bits, in_c, buf, len_) < 0:
+                rc = -1
+                break
+            off += len_
+            buf += len_
+            n -= len_
+        if rc == 0:
+            rc = flush_pw(q)
+        q2_unlock_rc(q, rc)
+        i = 0
+        while rc == 0 and i < nx:
+            rc = pwrite_data(q, ex[i].buf, ex[i].n, ex[i].at)
+            i += 1
+        io_end(q)
+    return rc
 
 
 cdef int write_pieces(Q2 *q, const uint8_t *buf, const uint64_t *pieces, size_t npieces,

@@ -5,6 +5,15 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 
+# Only the types: the Q2 struct embeds a mutex and a condition variable (qcow2_io.pyx calls
+# the pthread functions).
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+
 cdef extern from *:
     """
     #define Q2_COPIED     (1ULL << 63)
@@ -110,10 +119,14 @@ ctypedef struct Q2:
     uint8_t *dbuf
     uint64_t dkey
     uint64_t cfree
-    # error state: nogil code sets these, q2_raise turns them into an exception
-    int err
-    uint64_t ea, eb
-    PyObject *exc              # owned: an exception raised by a Python callback
+    # concurrency: `lock` guards everything above and below except the constants; data
+    # I/O on clusters already mapped runs outside it, counted in `inflight`, and a flush
+    # waits (`idle`) for that count to reach 0 before freed clusters can be reused.
+    # Errors are per thread (qcow2_io's thread-local state), not in this struct.
+    pthread_mutex_t lock
+    pthread_cond_t idle
+    int inflight               # atomic
+    int draining               # atomic; set by a flush waiting for inflight == 0
     # backing file and decompressor: Python callables kept alive by the Qcow2 object
     bint has_backing
     uint64_t backing_size
@@ -122,6 +135,17 @@ ctypedef struct Q2:
     bint unsafe_cache          # qemu's cache=unsafe: order writes, skip fdatasync
 
 
+cdef int q2_lock_init(Q2 *q) noexcept nogil
+cdef void q2_lock_destroy(Q2 *q) noexcept nogil
+cdef void q2_lock(Q2 *q) noexcept nogil
+cdef void q2_unlock(Q2 *q) noexcept nogil
+cdef int q2_unlock_rc(Q2 *q, int rc) noexcept nogil
+cdef void io_begin(Q2 *q) noexcept nogil
+cdef void io_end(Q2 *q) noexcept nogil
+cdef void q2_drain(Q2 *q) noexcept nogil
+cdef int q2_errno(Q2 *q) noexcept nogil
+cdef void q2_clear_err(Q2 *q) noexcept nogil
+cdef int pwrite_data(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int q2_fail(Q2 *q, int code, uint64_t a, uint64_t b) noexcept nogil
 cdef int q2_store_exc(Q2 *q, object exc) noexcept
 cdef int q2_raise(Q2 *q, int rc) except -1

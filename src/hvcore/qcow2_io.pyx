@@ -14,6 +14,46 @@ from hvcore.includes.endian cimport be64toh
 import os
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int PTHREAD_MUTEX_ADAPTIVE_NP
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
+    int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+
+
+# The error state of the calling thread: nogil code records the first error of a call
+# (which image, a code and two numbers, or a Python exception from a callback) and
+# q2_raise turns it into one exception on the same thread, so concurrent requests on one
+# image never see each other's errors.
+cdef extern from *:
+    """
+    typedef struct { void *q; int err; uint64_t ea, eb; PyObject *exc; } Q2Err;
+    static __thread Q2Err q2_tls;
+    #define q2_atomic_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+    #define q2_atomic_load(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+    #define q2_atomic_store(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+    """
+    ctypedef struct Q2Err:
+        void *q
+        int err
+        uint64_t ea, eb
+        PyObject *exc
+    Q2Err q2_tls
+    int q2_atomic_add(int *p, int v) nogil
+    int q2_atomic_load(int *p) nogil
+    void q2_atomic_store(int *p, int v) nogil
+
+
 class Qcow2Error(OSError):
     """The image is malformed or an I/O call failed; the message names the cause."""
 
@@ -25,36 +65,126 @@ class Qcow2Error(OSError):
         return self.message
 
 
+# -- locking --------------------------------------------------------------------------------
+
+cdef int q2_lock_init(Q2 *q) noexcept nogil:
+    cdef pthread_mutexattr_t attr
+    pthread_mutexattr_init(&attr)
+    # short critical sections between preads: spin a little before sleeping
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)
+    if pthread_mutex_init(&q.lock, &attr) != 0:
+        pthread_mutexattr_destroy(&attr)
+        return -1
+    pthread_mutexattr_destroy(&attr)
+    if pthread_cond_init(&q.idle, NULL) != 0:
+        pthread_mutex_destroy(&q.lock)
+        return -1
+    return 0
+
+
+cdef void q2_lock_destroy(Q2 *q) noexcept nogil:
+    pthread_cond_destroy(&q.idle)
+    pthread_mutex_destroy(&q.lock)
+
+
+cdef void q2_lock(Q2 *q) noexcept nogil:
+    """Take the image lock. Never called holding the GIL: a thread that holds the lock
+    may take the GIL (backing-file reads, the decompressor), never the other way round."""
+    pthread_mutex_lock(&q.lock)
+
+
+cdef void q2_unlock(Q2 *q) noexcept nogil:
+    pthread_mutex_unlock(&q.lock)
+
+
+cdef int q2_unlock_rc(Q2 *q, int rc) noexcept nogil:
+    """Release the lock at the end of a locked operation returning `rc`; after an error
+    drop the pending data write (its buffer belongs to the failed call)."""
+    if rc < 0:
+        q.pw_len = 0
+        q.pw_niov = 0
+    pthread_mutex_unlock(&q.lock)
+    return rc
+
+
+cdef void io_begin(Q2 *q) noexcept nogil:
+    """Under the lock: count one batch of data I/O that will run outside it (waiting while
+    a flush drains, so the mapping looked up next stays valid until io_end)."""
+    while q2_atomic_load(&q.draining):
+        pthread_cond_wait(&q.idle, &q.lock)
+    q2_atomic_add(&q.inflight, 1)
+
+
+cdef void io_end(Q2 *q) noexcept nogil:
+    """Without the lock: that batch is done; wake a draining flush when it was the last."""
+    if q2_atomic_add(&q.inflight, -1) == 0 and q2_atomic_load(&q.draining):
+        pthread_mutex_lock(&q.lock)
+        pthread_cond_broadcast(&q.idle)
+        pthread_mutex_unlock(&q.lock)
+
+
+cdef void q2_drain(Q2 *q) noexcept nogil:
+    """Under the lock: wait until no data I/O runs outside it (before freed clusters become
+    reusable), keeping new batches from starting meanwhile."""
+    if q2_atomic_load(&q.inflight) == 0:
+        return
+    q2_atomic_store(&q.draining, 1)
+    while q2_atomic_load(&q.inflight):
+        pthread_cond_wait(&q.idle, &q.lock)
+    q2_atomic_store(&q.draining, 0)
+    pthread_cond_broadcast(&q.idle)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
 cdef int q2_fail(Q2 *q, int code, uint64_t a, uint64_t b) noexcept nogil:
     """Record the first error of a call (code and two numbers for the message); -1."""
-    if q.err == 0:
-        q.err = code
-        q.ea = a
-        q.eb = b
+    cdef Q2Err *t = &q2_tls
+    if t.err == 0 or t.q != <void*>q:
+        t.q = <void*>q
+        t.err = code
+        t.ea = a
+        t.eb = b
     return -1
+
+
+cdef int q2_errno(Q2 *q) noexcept nogil:
+    """errno of a recorded E_IO error of this thread on `q`, else 0."""
+    if q2_tls.q == <void*>q and q2_tls.err == E_IO:
+        return <int>q2_tls.ea
+    return 0
+
+
+cdef void q2_clear_err(Q2 *q) noexcept nogil:
+    if q2_tls.q == <void*>q:
+        q2_tls.err = 0
 
 
 cdef int q2_store_exc(Q2 *q, object exc) noexcept:
     """Keep an exception raised by a Python callback (backing read, decompressor)."""
-    Py_XDECREF(q.exc)
+    cdef Q2Err *t = &q2_tls
+    Py_XDECREF(t.exc)
     Py_XINCREF(<PyObject*>exc)
-    q.exc = <PyObject*>exc
+    t.exc = <PyObject*>exc
     return q2_fail(q, E_CALLBACK, 0, 0)
 
 
 cdef int q2_raise(Q2 *q, int rc) except -1:
-    """Raise the error recorded by nogil code (if `rc` < 0 or one was recorded)."""
-    if rc >= 0 and q.err == 0:
+    """Raise the error this thread recorded on `q` (if `rc` < 0 or one was recorded)."""
+    cdef Q2Err *t = &q2_tls
+    cdef bint mine = t.q == <void*>q and t.err != 0
+    if rc >= 0 and not mine:
         return 0
-    code, a, b = q.err, q.ea, q.eb
+    code, a, b = 0, 0, 0
+    if mine:
+        code, a, b = t.err, t.ea, t.eb
     exc = None
-    if q.exc != NULL:
-        exc = <object>q.exc
-        Py_XDECREF(q.exc)
-        q.exc = NULL
-    q.err = 0
-    q.pw_len = 0
-    q.pw_niov = 0
+    if t.exc != NULL:
+        exc = <object>t.exc
+        Py_XDECREF(t.exc)
+        t.exc = NULL
+    t.err = 0
+    t.q = NULL
     if code == E_CALLBACK and exc is not None:
         raise exc
     msg = {
@@ -97,9 +227,9 @@ cdef int pread_data(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil:
     cdef int rc
     if q.dfd >= 0 and aligned(n) and aligned(off) and aligned(<uint64_t>buf):
         rc = pread_fd(q, q.dfd, buf, n, off)
-        if rc == 0 or q.err != E_IO or q.ea != EINVAL:
+        if rc == 0 or q2_errno(q) != EINVAL:
             return rc
-        q.err = 0                   # the device wants larger alignment: page cache
+        q2_clear_err(q)             # the device wants larger alignment: page cache
     return pread_fd(q, q.fd, buf, n, off)
 
 
@@ -142,6 +272,27 @@ cdef int pwrite_all(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept n
         done += r
     if off + n > q.file_end:
         q.file_end = off + n
+    return 0
+
+
+cdef int pwrite_data(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil:
+    """Write guest data into a mapped cluster outside the lock (through the O_DIRECT
+    descriptor when aligned); the caller made sure it ends inside the file."""
+    cdef ssize_t r
+    cdef uint64_t done = 0
+    cdef int fd = q.fd
+    if q.dfd >= 0 and aligned(n) and aligned(off) and aligned(<uint64_t>buf):
+        fd = q.dfd
+    while done < n:
+        r = pwrite(fd, <const uint8_t*>buf + done, n - done, off + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno == EINVAL and fd != q.fd:
+                fd = q.fd           # the device wants larger alignment: page cache
+                continue
+            return q2_fail(q, E_IO, errno, off)
+        done += r
     return 0
 
 

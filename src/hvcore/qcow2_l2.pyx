@@ -12,8 +12,8 @@ from libc.string cimport memcpy, memset
 from hvcore.includes.endian cimport be64toh, htobe32, htobe64
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_BITMAP, E_DATA_ALIGN,
                               E_L1_RANGE, E_L2_ALIGN, E_NOMEM, K_COMP, K_DATA, K_UNALLOC,
-                              K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_fail,
-                              q2_sync)
+                              K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_drain,
+                              q2_fail, q2_sync)
 from hvcore.qcow2_refcount cimport (add_free, alloc, apply_frees, meta_set,
                                     write_refcounts)
 
@@ -281,7 +281,9 @@ cdef int write_l1(Q2 *q) noexcept nogil:
 # -- flush ----------------------------------------------------------------------------------
 
 cdef int do_flush(Q2 *q) noexcept nogil:
-    """Write back cached metadata in crash-safe order, then apply deferred frees."""
+    """Write back cached metadata in crash-safe order, then apply deferred frees (the
+    caller holds the lock; reads and writes running outside it finish first, so no
+    cluster they were mapped to is reused under them)."""
     cdef int32_t s
     cdef bint any_l2 = False
     if q.readonly:
@@ -298,4 +300,6 @@ cdef int do_flush(Q2 *q) noexcept nogil:
     if q.l1_dirty:
         if write_l1(q) < 0 or q2_sync(q) < 0:
             return -1
+    if q.nfrees:
+        q2_drain(q)
     return apply_frees(q)

@@ -1,9 +1,10 @@
 """`img bench`: qemu-img bench's flags and output.
 
-qcow2 images: the request loop runs in hvcore.qcow2 (one C loop, no Python per request; the
-cluster engine has one owner, so requests are issued back to back whatever -d says). Raw
-images: -d N worker threads each run a share of the requests in hvcore.qcow2_pipe with the
-GIL released, so N requests are in flight. `-t none` bypasses the page cache with O_DIRECT
+-d N runs N worker threads, thread t issuing requests t, t+N, ... with its own buffer in one
+Cython loop with the GIL released (no Python per request), so N requests are in flight as
+with qemu-img bench: qcow2 images through Qcow2.bench (the engine is safe for concurrent
+requests: metadata under a lock, data of mapped clusters outside it), raw images through
+hvcore.qcow2_pipe. `-t none` bypasses the page cache with O_DIRECT
 (page-aligned buffers); `-i threads` is the only aio mode."""
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def bench(path: str, fmt: str | None, count: int, depth: int, bufsize: int, step
             _direct(disk.core.use_direct_io)
         start = time.perf_counter()
         if disk.format == "qcow2":
-            disk.core.bench(write, count, bufsize, step, offset, pattern, flush_interval)
+            _qcow2_run(disk.core, write, count, depth, bufsize, step, offset, pattern,
+                       flush_interval)
         else:
             _raw_run(disk, write, count, depth, bufsize, step, offset, pattern,
                      flush_interval, direct)
@@ -62,6 +64,34 @@ def _direct(opener):
         return opener()
     except OSError as e:
         raise DiskError(f"cannot open the image with O_DIRECT (-t none): {e.strerror}") from None
+
+
+def _workers(n: int, run) -> None:
+    if n == 1:
+        run(0)
+        return
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def _qcow2_run(core, write: bool, count: int, depth: int, bufsize: int, step: int,
+               offset: int, pattern: int, flush_interval: int) -> None:
+    workers = min(depth, max(count, 1))
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            core.bench(write, count, bufsize, step, offset, pattern, flush_interval, t,
+                       workers)
+        except OSError as e:
+            errors.append(e)
+
+    _workers(workers, run)
+    if errors:
+        raise errors[0]
 
 
 def _raw_run(disk, write: bool, count: int, depth: int, bufsize: int, step: int, offset: int,
@@ -87,14 +117,7 @@ def _raw_run(disk, write: bool, count: int, depth: int, bufsize: int, step: int,
             view.release()
 
     try:
-        if workers == 1:
-            run(0)
-        else:
-            threads = [threading.Thread(target=run, args=(t,)) for t in range(workers)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
+        _workers(workers, run)
     finally:
         for b in bufs:
             b.close()
