@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 import signal
@@ -263,3 +264,36 @@ def test_more_files_than_the_descriptor_limit(dirs):
         (mnt / "d0" / "new").write_text("still writable")
         assert (host / "d0" / "new").read_text() == "still writable"
         assert share.stop() == 0
+
+
+def test_writeback_cache(dirs):
+    """--writeback: the kernel keeps writes in its page cache and sends them in batches
+    (O_WRONLY opens become O_RDWR so it can fill partial pages, O_APPEND is the kernel's);
+    data and sizes still reach the host by fsync / close, and reads see every write."""
+    host, mnt, _ = dirs
+    with ShareMount(host, mnt, "--writeback"):
+        p = mnt / "wb"
+        expected = b"".join(b"%05d\n" % i for i in range(2000))
+        with open(p, "wb", buffering=0) as f:
+            for i in range(2000):
+                f.write(b"%05d\n" % i)           # small writes, merged in the page cache
+            os.fsync(f.fileno())
+            assert (host / "wb").read_bytes() == expected
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"tail\n")
+        os.close(fd)
+        fd = os.open(p, os.O_WRONLY)                # a partial page in the middle
+        os.pwrite(fd, b"XX", 3)
+        os.close(fd)
+        expected = expected[:3] + b"XX" + expected[5:] + b"tail\n"
+        assert p.read_bytes() == expected
+        assert (host / "wb").read_bytes() == expected        # close flushed it
+        assert p.stat().st_size == len(expected) == (host / "wb").stat().st_size
+        os.truncate(p, 100)
+        assert (host / "wb").read_bytes() == expected[:100] == p.read_bytes()
+        with open(p, "r+b") as f:                   # shared mapping written back by msync
+            m = mmap.mmap(f.fileno(), 100)
+            m[0:4] = b"MMAP"
+            m.flush()
+            m.close()
+        assert (host / "wb").read_bytes()[:4] == b"MMAP"
