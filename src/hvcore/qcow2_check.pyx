@@ -2,7 +2,10 @@
 """qcow2 consistency check: count the references to every host cluster from the header,
 refcount structures, every L1 table (active and snapshots), L2 tables and compressed
 descriptors, compare with the stored refcounts and OFLAG_COPIED flags, and repair leaks
-(`-r leaks`) or everything (`-r all`); messages follow qemu-img check."""
+(`-r leaks`) or everything (`-r all`), rebuilding the refcount table and blocks from the
+counted references when the refcount structure itself is broken (a refcount block
+misaligned, outside the file or shared with other data, a used cluster with refcount 0) as
+`qemu-img check -r all` does; messages follow qemu-img check."""
 
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -11,7 +14,7 @@ from hvcore.includes.endian cimport be64toh, htobe64
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, OFF_MASK, Q2, RT_MASK, ZEROF,
                               pread_exact, q2_raise)
 from hvcore.qcow2_l2 cimport do_flush, l2_get
-from hvcore.qcow2_refcount cimport rc_set, stored_rc
+from hvcore.qcow2_refcount cimport rc_set, rebuild_refcounts, stored_rc
 
 cdef void ref(Q2 *q, uint32_t *refs, uint64_t nb, uint64_t off, uint64_t length,
                      list recs):
@@ -132,10 +135,14 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
             finally:
                 free(l1t)
         leaks = corruptions = fixed_leaks = fixed_errors = 0
+        rebuild = False
         msgs = []
+        copied_msgs = []
+        label = "Repairing" if fix == 2 else "ERROR"
         for kind, a, b, d in recs:
-            corruptions += 1
-            msgs.append({
+            if kind in ("rb_align", "rb_outside"):
+                rebuild = True
+            text = {
                 "outside": lambda: "ERROR: counting reference for region exceeding the end "
                                    f"of the file by one cluster or more: offset {a:#x} "
                                    f"size {b:#x}",
@@ -146,15 +153,31 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                                     "L1 entry corrupted",
                 "data_align": lambda: f"ERROR offset={a:x}: Cluster is not properly "
                                       "aligned; L2 entry corrupted.",
-                "copied_l2": lambda: f"ERROR OFLAG_COPIED L2 cluster: l1_index={a} "
+                "copied_l2": lambda: f"{label} OFLAG_COPIED L2 cluster: l1_index={a} "
                                      f"l1_entry={b:x} refcount={d}",
-                "copied_data": lambda: f"ERROR OFLAG_COPIED data cluster: l2_entry={a:x} "
+                "copied_data": lambda: f"{label} OFLAG_COPIED data cluster: l2_entry={a:x} "
                                        f"refcount={b}",
                 "bitmap": lambda: f"ERROR invalid subcluster bitmap {b:#x} for L2 entry "
                                   f"{a:#x}",
-            }[kind]())
+            }[kind]()
+            if kind.startswith("copied"):
+                copied_msgs.append(text)
+            else:
+                corruptions += 1
+                msgs.append(text)
+        for i in range(q.rt_n):          # a refcount block shared with anything else
+            off = q.rt[i] & RT_MASK
+            if off and not off & q.cmask and off + q.cluster_size <= q.file_end and \
+                    refs[off >> q.cluster_bits] != 1:
+                msgs.append(f"ERROR refcount block {i} refcount="
+                            f"{refs[off >> q.cluster_bits]}")
+                corruptions += 1
+                rebuild = True
         q.chk_refs = refs
         q.chk_n = nb
+        # as qemu-img: first report every mismatch, then (when allowed and the refcount
+        # structure itself is sound) repair them one by one, reporting each again
+        mism = []
         for c in range(nb):
             if refs[c]:
                 top = c
@@ -163,38 +186,69 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                 q2_raise(q, -1)
             if <uint64_t>stored == refs[c]:
                 continue
-            leak = <uint64_t>stored > refs[c]
-            repair = fix == 2 or (fix == 1 and leak)
-            label = ("Repairing" if repair else
-                     "Leaked" if leak else "ERROR")
-            msgs.append(f"{label} cluster {c} refcount={stored} reference={refs[c]}")
-            if repair:
-                rc = rc_set(q, c, refs[c])
-                q2_raise(q, rc)
-                if leak:
-                    fixed_leaks += 1
-                else:
-                    fixed_errors += 1
-            elif leak:
-                leaks += 1
-            else:
-                corruptions += 1
+            if stored == 0:
+                rebuild = True          # a used cluster the refcounts call free
+            mism.append((c, stored, refs[c]))
+            msgs.append(f"{'Leaked' if <uint64_t>stored > refs[c] else 'ERROR'} cluster {c} "
+                        f"refcount={stored} reference={refs[c]}")
         for i in range(q.rt_n):          # refcounts past the end of the file
             off = q.rt[i] & RT_MASK
             if off == 0 or off & q.cmask or off + q.cluster_size > q.file_end:
                 continue
             for c in range(max(nb, i << q.rb_bits), (i + 1) << q.rb_bits):
                 stored = stored_rc(q, c)
-                if stored > 0:
-                    if fix:
-                        rc = rc_set(q, c, 0)
-                        q2_raise(q, rc)
+                if stored > 0 and not (rebuild and fix == 2):
+                    mism.append((c, stored, 0))
+                    msgs.append(f"Leaked cluster {c} refcount={stored} reference=0")
+        if rebuild and fix == 2:
+            # (refcounts past the end of the file go with the old blocks, unreported)
+            msgs.append("Rebuilding refcount structure")
+            for c, stored, want in mism:
+                if <uint64_t>stored > want:
+                    leaks += 1
+                else:
+                    corruptions += 1
+            with nogil:
+                rc = rebuild_refcounts(q, refs, nb)
+            q2_raise(q, rc)
+            q.chk_refs = NULL
+            # the old refcount structure is leaked now: recount and repair leaks only
+            again = run_check(q, l1_tables, fixed, 1)
+            if again["rebuild"]:
+                msgs.append("ERROR rebuilt refcount structure is still broken")
+            # (qemu-img repairs these straight away: only the repairs are reported)
+            msgs += [m for m in again["messages"] if not m.startswith("Leaked cluster")]
+            fixed_errors = max(0, corruptions - again["corruptions"])
+            fixed_leaks = leaks
+            corruptions, leaks = again["corruptions"], again["leaks"]
+            copied_msgs = []
+        elif fix == 0 or (rebuild and fix == 1):
+            for c, stored, want in mism:
+                if <uint64_t>stored > want:
+                    leaks += 1
+                else:
+                    corruptions += 1
+        else:
+            for c, stored, want in mism:
+                leak = <uint64_t>stored > want
+                if leak or fix == 2:
+                    msgs.append(f"Repairing cluster {c} refcount={stored} reference={want}")
+                    rc = rc_set(q, c, want)
+                    q2_raise(q, rc)
+                    if leak:
                         fixed_leaks += 1
-                        msgs.append(f"Repairing cluster {c} refcount={stored} reference=0")
                     else:
-                        leaks += 1
-                        msgs.append(f"Leaked cluster {c} refcount={stored} reference=0")
-        if fix == 2 and not (fixed_leaks or fixed_errors):
+                        fixed_errors += 1
+                elif leak:
+                    leaks += 1
+                else:
+                    corruptions += 1
+        if fix and (fixed_leaks or fixed_errors):
+            copied_fix = []             # judged again once the refcounts are right
+        else:
+            msgs += copied_msgs
+            corruptions += len(copied_msgs)
+        if fix == 2 and copied_fix:
             # flags follow refcounts: fixed on a pass that found the refcounts right
             for i, j, want in copied_fix:
                 if j < 0:
@@ -217,7 +271,7 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
         q.chk_refs = NULL
         free(refs)
         free(l2t)
-    return {"corruptions": corruptions, "leaks": leaks, "messages": msgs,
+    return {"corruptions": corruptions, "leaks": leaks, "messages": msgs, "rebuild": rebuild,
             "fixed_leaks": fixed_leaks, "fixed_corruptions": fixed_errors,
             "allocated_clusters": allocated, "fragmented_clusters": fragmented,
             "compressed_clusters": compressed,

@@ -54,3 +54,4 @@ cdef int add_free(Q2 *q, uint64_t c) noexcept nogil
 cdef int free_entry(Q2 *q, uint64_t e) noexcept nogil
 cdef int apply_frees(Q2 *q) noexcept nogil
 cdef int write_refcounts(Q2 *q, bint barrier) noexcept nogil
+cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept nogil

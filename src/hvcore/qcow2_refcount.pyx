@@ -421,3 +421,76 @@ cdef int write_refcounts(Q2 *q, bint barrier) noexcept nogil:
                 return -1
             q.rt_moved = False
     return 0
+
+
+# -- rebuild --------------------------------------------------------------------------------
+
+cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept nogil:
+    """Replace the refcount table and blocks with new ones built from `refs` (the counted
+    references of host clusters [0, nb)), placed at the end of the file as qemu-img's
+    "Rebuilding refcount structure" places them when every earlier cluster is counted:
+    blocks, then the table; written and synced before the header points at them. The old
+    structure is left behind unreferenced (the caller repairs it as leaked clusters)."""
+    cdef uint64_t per = 1ULL << q.rb_bits
+    cdef uint64_t nblk = 0, ntc = 1, nb2, nt2, c, i, v, rt_n
+    cdef uint8_t *blocks
+    cdef uint64_t *table
+    cdef uint64_t *rt_host
+    cdef int32_t *slots
+    cdef uint64_t be_off
+    cdef uint32_t be_n
+    cdef int32_t s
+    while True:
+        nb2 = (nb + nblk + ntc + per - 1) // per
+        nt2 = max(1, (nb2 * 8 + q.cmask) >> q.cluster_bits)
+        if nb2 == nblk and nt2 == ntc:
+            break
+        nblk, ntc = nb2, nt2
+    if (nb + nblk + ntc) << q.cluster_bits > MAX_HOST:
+        return q2_fail(q, E_FULL, 0, 0)
+    rt_n = (ntc << q.cluster_bits) // 8
+    blocks = <uint8_t*>calloc(nblk, q.cluster_size)
+    table = <uint64_t*>calloc(rt_n, 8)
+    rt_host = <uint64_t*>calloc(rt_n, 8)
+    slots = <int32_t*>malloc(rt_n * 4)
+    if blocks == NULL or table == NULL or rt_host == NULL or slots == NULL:
+        free(blocks)
+        free(table)
+        free(rt_host)
+        free(slots)
+        return q2_fail(q, E_NOMEM, 0, 0)
+    for c in range(nb + nblk + ntc):
+        v = 1 if c >= nb else min(<uint64_t>refs[c], q.rc_max)
+        if v:
+            rc_write(blocks + (c >> q.rb_bits) * q.cluster_size, q.refcount_order,
+                     c & (per - 1), v)
+    for i in range(rt_n):
+        slots[i] = -1
+        if i < nblk:
+            rt_host[i] = (nb + i) << q.cluster_bits
+            table[i] = htobe64(rt_host[i])
+    be_off = htobe64((nb + nblk) << q.cluster_bits)
+    be_n = htobe32(<uint32_t>ntc)
+    if pwrite_all(q, blocks, nblk << q.cluster_bits, nb << q.cluster_bits) < 0 or \
+            pwrite_all(q, table, ntc << q.cluster_bits, (nb + nblk) << q.cluster_bits) < 0 or \
+            q2_sync(q) < 0 or pwrite_all(q, &be_off, 8, 48) < 0 or \
+            pwrite_all(q, &be_n, 4, 56) < 0 or q2_sync(q) < 0:
+        free(blocks)
+        free(table)
+        free(rt_host)
+        free(slots)
+        return -1
+    free(blocks)
+    free(table)
+    free(q.rt)
+    free(q.rt_slot)
+    q.rt = rt_host
+    q.rt_slot = slots
+    q.rt_n = rt_n
+    q.rt_offset = (nb + nblk) << q.cluster_bits
+    q.rt_dirty = q.rt_moved = False
+    for s in range(q.rb_slots):         # cached blocks describe the old structure
+        q.rb_idx[s] = -1
+        q.rb_dirty[s] = 0
+    q.free_hint = 0
+    return meta_set(q, nb, nblk + ntc, True)

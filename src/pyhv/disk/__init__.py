@@ -37,8 +37,10 @@ def backing_path(image: str, name: str) -> str:
 
 
 def open(path: str, format: str | None = None, readonly: bool = False, *,  # noqa: A002
-         backing: bool = True, l2_cache_size: int = 0, _chain: tuple[str, ...] = ()):
-    """Open a disk image. `format=None` probes (qcow2 by magic, raw with a warning)."""
+         backing: bool = True, l2_cache_size: int = 0, repair: bool = False,
+         _chain: tuple[str, ...] = ()):
+    """Open a disk image. `format=None` probes (qcow2 by magic, raw with a warning);
+    `repair` opens a qcow2 image writable for `check -r` despite overlapping tables."""
     real = os.path.realpath(path)
     if real in _chain:
         loop = " -> ".join([*_chain, real])
@@ -64,4 +66,4 @@ def open(path: str, format: str | None = None, readonly: bool = False, *,  # noq
                     _chain=(*_chain, real))
 
     return Qcow2Disk(path, readonly=readonly, l2_cache_size=l2_cache_size,
-                     open_backing=open_backing if backing else None)
+                     open_backing=open_backing if backing else None, repair=repair)

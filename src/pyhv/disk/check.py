@@ -13,7 +13,8 @@ FIX = {None: 0, "leaks": 1, "all": 2}
 def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[str, int]:
     if repair not in FIX:
         raise DiskError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
-    with pyhv.disk.open(path, fmt, readonly=repair is None, backing=False) as disk:
+    with pyhv.disk.open(path, fmt, readonly=repair is None, backing=False,
+                        repair=repair is not None) as disk:
         if disk.format != "qcow2":
             raise DiskError("This image format does not support checks")
         result = disk.check(FIX[repair])

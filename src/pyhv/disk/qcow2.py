@@ -29,7 +29,7 @@ class Qcow2Disk:
     format = "qcow2"
 
     def __init__(self, path: str, readonly: bool = False, l2_cache_size: int = 0,
-                 open_backing=None):
+                 open_backing=None, repair: bool = False):
         self.path = path
         self.backing = None
         self.core = None
@@ -39,12 +39,12 @@ class Qcow2Disk:
         except OSError as e:
             raise DiskError(f"Could not open '{path}': {e.strerror}") from None
         try:
-            self._open(readonly, l2_cache_size, open_backing)
+            self._open(readonly, l2_cache_size, open_backing, repair)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, readonly: bool, l2_cache_size: int, open_backing) -> None:
+    def _open(self, readonly: bool, l2_cache_size: int, open_backing, repair: bool) -> None:
         file_size = os.fstat(self.fd).st_size
         self.header = h = hdr.parse(os.pread(self.fd, HEADER_READ, 0), file_size)
         if h.incompatible & hdr.INCOMPAT_CORRUPT and not readonly:
@@ -71,7 +71,9 @@ class Qcow2Disk:
             for s in self.snapshots:
                 if core.mark_l1_tables(s.l1_table_offset, s.l1_size):
                     overlaps.append((f"snapshot {s.name!r} L1 table", s.l1_table_offset))
-        if overlaps and not readonly:
+        if overlaps and not readonly and not repair:
+            # (`check -r` opens it anyway: a refcount block lying on other metadata is
+            # what the refcount rebuild repairs)
             what, off = overlaps[0]
             raise DiskError(f"{self.path}: corrupt image: the {what} at {off:#x} overlaps other "
                             "metadata; open it read-only")
