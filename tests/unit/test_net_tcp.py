@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from hvcore import netpkt as n
+from pyhv.net import tcp
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.ports import FramePort
 from pyhv.net.stack import Stack
@@ -244,3 +245,84 @@ def test_syn_flood_to_a_black_hole_does_not_stall_other_connects():
         for c in fillers:
             c.close()
         hole.close()
+
+
+def _conn(stack):
+    return next(iter(stack.tcp.conns.values()))
+
+
+async def _read_to_fin(guest, window=65535) -> tuple[bytes, n.Packet]:
+    """Take data segments in order (ACKing each) until our FIN; the bytes and the FIN."""
+    got = bytearray()
+    while True:
+        p = await guest.expect(lambda p: p.payload_len > 0 or p.flags & n.FIN)
+        assert p.seq == (guest.ack + 0) & M32, (p.seq, guest.ack)
+        got += bytes(p.payload)
+        guest.ack += p.payload_len
+        if p.flags & n.FIN:
+            guest.ack += 1
+            guest.send(n.ACK, window=window)
+            return bytes(got), p
+        guest.send(n.ACK, window=window)
+
+
+def test_host_data_and_eof_before_the_handshake_ack_lose_no_byte():
+    """The host peer writes and shuts down as soon as connect() completes, before the
+    guest's ACK of our SYN-ACK: that ACK covers our SYN only, no byte of host data (it used
+    to trim the first byte, so the guest read one byte less before EOF)."""
+    data = bytes(range(256)) * 40
+
+    async def body(guest, stack, received, writers, eof):
+        guest.send(n.SYN, mss=1460, wscale=2)
+        synack = await guest.expect(lambda p: p.flags == n.SYN | n.ACK)
+        await settle(lambda: writers)
+        writers[0].write(data)
+        writers[0].write_eof()
+        conn = _conn(stack)
+        await settle(lambda: conn.buffered == len(data) and conn.fin_queued)
+        assert not [p for p in guest.port.out if p.payload_len or p.flags & n.FIN]
+        guest.seq, guest.ack = 1001, synack.seq + 1
+        guest.send(n.ACK)                                      # the handshake ends here
+        got, fin = await _read_to_fin(guest)
+        assert got == data
+        assert fin.seq + fin.payload_len == (synack.seq + 1 + len(data)) & M32
+        await settle(lambda: conn.state == tcp.FIN_WAIT_2)
+        guest.send(n.ACK | n.PSH | n.FIN, b"bye")             # the guest's half, after ours
+        await asyncio.wait_for(eof.wait(), 10)
+        assert bytes(received) == b"bye"
+
+    run(body)
+
+
+@pytest.mark.parametrize("then", ["window opens", "persist timer"])
+def test_fin_waits_for_window_room(then):
+    """Data that exactly fills the guest's window goes without our FIN: the FIN takes a
+    sequence number too, and Linux (>= 6.17) drops a whole segment whose FIN lies beyond
+    the window it offered. The FIN follows when the window opens, or as the zero-window
+    probe once all data is acknowledged."""
+    data = b"z" * 1000
+
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()                                # guest wscale 2: units of 4
+        guest.send(n.ACK, window=len(data) // 4)
+        await settle(lambda: writers)
+        conn = _conn(stack)
+        writers[0].write(data)
+        writers[0].write_eof()
+        await settle(lambda: conn.fin_queued and conn.snd_nxt == conn.iss + 1 + len(data))
+        sent = [p for p in guest.port.out if p.payload_len or p.flags & n.FIN]
+        assert sum(p.payload_len for p in sent) == len(data)
+        assert not any(p.flags & n.FIN for p in sent) and conn.fin_seq is None
+        guest.port.out.clear()
+        end = guest.ack + len(data)
+        guest.send(n.ACK, ack=end, window=0)                   # all taken, window closed
+        assert conn.fin_seq is None and conn.state == tcp.ESTABLISHED
+        if then == "window opens":
+            guest.send(n.ACK, ack=end, window=100)
+            assert conn.fin_seq == conn.iss + 1 + len(data)     # at once
+        fin = await guest.expect(lambda p: p.flags & n.FIN)
+        assert fin.seq == end & M32 and fin.payload_len == 0
+        guest.send(n.ACK, ack=end + 1, window=0)
+        assert conn.state == tcp.FIN_WAIT_2 and conn.buffered == 0
+
+    run(body)

@@ -183,8 +183,11 @@ class TcpConn:
         if self.state not in (ESTABLISHED, CLOSE_WAIT):
             return
         data_end = self.snd_una + self.s_tail - self.s_head
-        end = min(self.snd_una + self.snd_wnd, data_end)
-        fin = self.fin_queued and self.fin_seq is None and end == data_end
+        wnd_end = self.snd_una + self.snd_wnd
+        end = min(wnd_end, data_end)
+        # our FIN takes a sequence number of the window too (as Linux's tcp_snd_wnd_test):
+        # Linux >= 6.17 drops a whole segment whose FIN lies beyond the offered window
+        fin = self.fin_queued and self.fin_seq is None and data_end < wnd_end
         if end > self.snd_nxt:
             wnd = self._wnd_field()
             frames = self.builder.tcp_data(
@@ -202,7 +205,8 @@ class TcpConn:
                 self._fin_sent(segment=False)
         elif fin and self.snd_nxt == data_end:
             self._fin_sent(segment=True)
-        elif self.snd_wnd == 0 and data_end > self.snd_nxt and self.snd_nxt == self.snd_una:
+        elif self.snd_wnd == 0 and self.snd_nxt == self.snd_una and (
+                data_end > self.snd_nxt or self.fin_queued and self.fin_seq is None):
             self._arm(keep=True)               # persist timer: probe the zero window
 
     def _fin_sent(self, segment: bool) -> None:
@@ -250,6 +254,10 @@ class TcpConn:
             self._send_data(self.snd_nxt, 1)     # zero-window probe: one new byte
             self.snd_nxt += 1
             self._arm()
+        elif self.fin_queued and self.fin_seq is None and self.state in (ESTABLISHED,
+                                                                         CLOSE_WAIT):
+            self._fin_sent(segment=True)       # all data acknowledged, window still 0:
+                                               # the FIN itself probes (then retransmits)
 
     def _send_data(self, seq: int, n: int) -> None:
         self.stack.send(self.builder.tcp_data(
@@ -356,9 +364,13 @@ class TcpConn:
         self._output()
 
     def _acked(self, ack: int) -> None:
-        n = ack - self.snd_una
-        if self.buffered:
-            self.s_head += min(n, self.buffered)
+        # Our SYN (iss) and our FIN (fin_seq) take a sequence number but no byte of sbuf:
+        # the guest's ACK of the SYN may come when host data already waits in sbuf (the
+        # host peer can write as soon as connect() completes, before our SYN-ACK).
+        first = max(self.snd_una, self.iss + 1)
+        last = ack if self.fin_seq is None else min(ack, self.fin_seq)
+        if last > first:
+            self.s_head += last - first
             if self.s_head == self.s_tail:
                 self.s_head = self.s_tail = 0
         self.snd_una = ack
