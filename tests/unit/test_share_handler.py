@@ -271,3 +271,23 @@ def test_read_and_write_go_through_the_c_fast_path(server, tree):
     n = server.files.serve(req, out)
     assert reply([out[:n]])[::2] == (0, b"inside-now")
     assert (tree[0] / "file").read_text() == "inside-now"
+
+
+def test_readdirplus_skips_inodes_the_client_holds(server, tree):
+    """READDIRPLUS looks up (and returns attributes for) only names whose inode the client
+    does not hold yet; the others are plain entries (nodeid 0), as '.' and '..' are."""
+    _, file_node = lookup(server, b"file")
+    err, _, payload = call(server, fp.OPENDIR, OPEN_IN.pack(os.O_RDONLY, 0))
+    fh = struct.unpack_from("=Q", payload)[0]
+    err, _, data = call(server, fp.READDIRPLUS, READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0))
+    assert err == 0
+    nodeids, pos = {}, 0
+    while pos < len(data):
+        nodeid = struct.unpack_from("=Q", data, pos)[0]
+        _ino, _off, namelen, _type = struct.unpack_from("=QQII", data, pos + 128)
+        nodeids[data[pos + 152:pos + 152 + namelen]] = nodeid
+        pos += (152 + namelen + 7) & ~7
+    assert nodeids[b"."] == nodeids[b".."] == 0
+    assert nodeids[b"file"] == 0                       # already held: not looked up again
+    assert nodeids[b"dir"] not in (0, file_node)        # new: looked up, with attributes
+    assert call(server, fp.GETATTR, bytes(16), nodeid=nodeids[b"dir"])[0] == 0

@@ -271,8 +271,12 @@ class MetaOps:
         p = self.policy
         with h.lock:
             entries = fs.list_dir(h.fd, offset, min(size, self.opts.max_write))
+        known, dev = self.inodes.find, h.inode.dev
         for name, ino, dtype, off in entries:
-            if name == b"." or name == b"..":
+            # nodeid 0: a plain entry, no attributes. For '.' and '..', and for inodes the
+            # client already holds (it looked them up; `git status` lstats every file before
+            # it reads the directories): a lookup here would only repeat that work.
+            if name == b"." or name == b".." or known(dev, ino) is not None:
                 out.add(name, ino, dtype, off, 0, None, 0, 0, 0.0, 0.0)
                 continue
             try:
