@@ -3,7 +3,11 @@
 Layers, each its own module:
 
 - `hvcore.fuseproto` (Cython): FUSE wire structs; decoding is bounds-checked, so a malformed
-  request becomes an error reply, never a crash or an out-of-bounds read.
+  request becomes an error reply, never a crash or an out-of-bounds read. `protoref` is its
+  pure-Python reference twin, run over the same test cases.
+- `hvcore.fsops` (Cython): the system calls (openat2 lookups, file handles, getdents packing,
+  inotify decoding, ...) and `FileTable`, the open files by file handle, which answers READ
+  and WRITE in C without the GIL (the /dev/fuse readers loop there; `handle` uses it too).
 - `server.FuseServer`: the request handler. **Transport interface**: a transport delivers one
   whole request buffer at a time to `FuseServer.handle(buf) -> list[bytes-like]` and writes
   the returned buffers back as one reply (gathered, e.g. `os.writev`); an empty list means
