@@ -153,6 +153,7 @@ def run_kvm(spec: RunSpec, args) -> int:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         scanner = ConsoleScanner(_sink(spec.console_log))
         reader = threading.Thread(target=_pump, args=(read_fd, scanner), daemon=True)
+        reader.start()
         console = write_fd
     else:
         console = spec.console_log
@@ -166,8 +167,6 @@ def run_kvm(spec: RunSpec, args) -> int:
 
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, on_signal)
-            if reader is not None:
-                reader.start()
             if spec.interactive:
                 with Console(m.uart, on_quit=lambda: m.stop("quit", "quit from the console")):
                     result = m.run(timeout=spec.timeout)
