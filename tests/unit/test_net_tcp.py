@@ -326,3 +326,21 @@ def test_fin_waits_for_window_room(then):
         assert conn.state == tcp.FIN_WAIT_2 and conn.buffered == 0
 
     run(body)
+
+
+def test_retransmitted_data_with_a_fin_at_rcv_nxt_closes():
+    """The guest's last data arrived, its FIN did not; the guest then resends the data
+    with the FIN in one segment (Linux collapses retransmissions): the data is old, the
+    FIN at rcv_nxt is new and must be taken, not dropped as a duplicate."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.send(n.ACK | n.PSH, b"last words")
+        await settle(lambda: bytes(received) == b"last words")
+        guest.send(n.ACK | n.PSH | n.FIN, b"last words")      # seq 1001 again, FIN at 1011
+        await asyncio.wait_for(eof.wait(), 10)                # the host saw the guest's EOF
+        await guest.expect(lambda p: p.ack == 1001 + 10 + 1)
+        assert bytes(received) == b"last words"
+        assert _conn(stack).state == tcp.CLOSE_WAIT
+        assert stack.counters["tcp duplicate segments"] == 0
+
+    run(body)

@@ -407,9 +407,9 @@ class TcpConn:
         if n:
             reasm = self.reasm
             if seq <= self.rcv_nxt and (reasm is None or not reasm.pending):
-                if end <= self.rcv_nxt:
-                    counters["tcp duplicate segments"] += 1
-                    self.ack_now()
+                if end < self.rcv_nxt or end == self.rcv_nxt and not pkt.flags & FIN:
+                    counters["tcp duplicate segments"] += 1    # (old data with a FIN at
+                    self.ack_now()                             # rcv_nxt: the FIN is new)
                     return
                 take = min(end, max(self.rcv_adv, self.rcv_nxt))
                 if take > self.rcv_nxt:
