@@ -46,7 +46,7 @@ def _say(message: str) -> None:
 def prepare(args) -> RunSpec:
     """Everything checked before a VMM starts, whichever engine runs the guest."""
     from pyhv.machine.layout import validate_memory
-    from pyhv.machine.mptable import MAX_CPUS
+    from pyhv.machine.mptable import validate_cpus
 
     validate_memory(args.memory)
     if args.publish and args.network == "none":
@@ -56,8 +56,7 @@ def prepare(args) -> RunSpec:
 
         for spec in args.publish:
             parse_forward(spec)         # a bad -p is reported before anything starts
-    if args.cpus > MAX_CPUS:
-        raise PyhvError(f"--cpus must be between 1 and {MAX_CPUS}, got {args.cpus}")
+    validate_cpus(args.cpus)
     if args.initrd is not None and not os.access(args.initrd, os.R_OK):
         raise PyhvError(f"cannot read initrd {args.initrd}: "
                         f"{'permission denied' if os.path.exists(args.initrd) else 'no such file'}")

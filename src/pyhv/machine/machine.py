@@ -25,7 +25,7 @@ from pyhv.machine.devices.i8042 import I8042
 from pyhv.machine.devices.pci import PciConfigSpace
 from pyhv.machine.devices.power import AcpiPower
 from pyhv.machine.exit import MachineExit, describe
-from pyhv.machine.mptable import MAX_CPUS
+from pyhv.machine.mptable import MAX_CPUS, validate_cpus
 
 SERIAL_PORT, SERIAL_IRQ = 0x3F8, 4
 
@@ -40,8 +40,7 @@ class Machine:
     def __init__(self, memory: int = 512 << 20, cpus: int = 1,
                  console: int | str | os.PathLike | None = None, irqchip: bool = True,
                  kvm_path: str = "/dev/kvm"):
-        if not 1 <= cpus <= MAX_CPUS:
-            raise PyhvError(f"--cpus must be between 1 and {MAX_CPUS}, got {cpus}")
+        validate_cpus(cpus)
         layout.validate_memory(memory)
         self.kvm = Kvm(kvm_path)
         limit = self.kvm.capabilities().get("KVM_CAP_MAX_VCPUS") or MAX_CPUS

@@ -97,6 +97,12 @@ def _checksum(data: bytes | bytearray | memoryview) -> int:
     return (-sum(data)) & 0xFF
 
 
+def validate_cpus(num_cpus: int) -> None:
+    """The vCPU count every part of pyhv can describe to a guest (MP table and MADT)."""
+    if not 1 <= num_cpus <= MAX_CPUS:
+        raise PyhvError(f"--cpus must be between 1 and {MAX_CPUS}, got {num_cpus}")
+
+
 def build_mptable(
     base_addr: int,
     num_cpus: int,
