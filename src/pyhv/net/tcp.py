@@ -468,8 +468,9 @@ class TcpConn:
         return self.s_tail - self.s_head
 
     def host_buffer(self) -> memoryview:
-        """Room for the next host read, after the data waiting in sbuf. A new bytearray
-        replaces a full one (never resized: the last view handed out may still exist)."""
+        """Room for the next host read (at most READ_CHUNK, so sbuf holds at most snd_cap
+        plus one read), after the data waiting in sbuf. A new bytearray replaces a full
+        one (never resized: the last view handed out may still exist)."""
         if len(self.sbuf) - self.s_tail < MIN_ROOM:
             n = self.s_tail - self.s_head
             size = min(2 * self.snd_cap + READ_CHUNK,
@@ -481,7 +482,7 @@ class TcpConn:
                 new[:n] = self.sbuf[self.s_head:self.s_tail]
                 self.sbuf = new
             self.s_head, self.s_tail = 0, n
-        return memoryview(self.sbuf)[self.s_tail:]
+        return memoryview(self.sbuf)[self.s_tail:self.s_tail + READ_CHUNK]
 
     def release_buffer(self) -> None:
         """Drop an idle flow's empty send buffer (the sweeper calls this)."""
