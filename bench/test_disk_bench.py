@@ -84,6 +84,17 @@ def test_bench_reads(data_image, record, benchmark, size, count):
            target=1.0)
 
 
+@pytest.mark.parametrize("size,count", [("4k", 400_000), ("64k", 200_000)])
+def test_bench_reads_io_uring(data_image, record, benchmark, size, count):
+    args = ["-i", "io_uring", "-c", str(count), "-d", "16", "-s", size, "-t", "writeback",
+            "-f", "qcow2", str(data_image)]
+    q, p = measure(benchmark, lambda: bench_seconds(QEMU_IMG, *args),
+                   lambda: bench_seconds(PYHV_IMG, *args))
+    record(f"img bench -i io_uring {size} reads, depth 16, page cache", "requests/s",
+           pyhv=count / p, anchor=count / q, anchor_name="qemu-img bench -i io_uring",
+           target=1.0)
+
+
 @pytest.fixture(scope="module")
 def half_allocated(workdir) -> tuple[Path, Path]:
     """2 GiB, every other 64 KiB cluster holding random data: raw and qcow2 copies."""

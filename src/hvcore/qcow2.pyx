@@ -10,7 +10,7 @@ and calling each other as cdef functions without the GIL:
   qcow2_codec     compressed clusters (read / packed write), zero detection
   qcow2_data      guest read / write (copy-on-write, subclusters) / zero / unmap
   qcow2_check     the reference walk behind `check` and its repairs
-  qcow2_pipe      raw-file loops of convert and bench (extent reader, piece writer, requests)
+  qcow2_pipe      loops of convert and bench (extent reader, piece writer, requests, aio)
 
 Policy (header parsing, backing chains, which operation to run) lives in pyhv.disk.
 
@@ -29,10 +29,14 @@ from libc.string cimport memset
 from hvcore.includes.endian cimport htobe64
 from hvcore.qcow2_check cimport run_check
 from hvcore.qcow2_codec cimport put_compressed
-from hvcore.qcow2_data cimport do_read, do_write, do_zero, write_pieces
-from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, K_COMP, K_DATA, OFF_MASK, Q2,
-                              RT_MASK, pwrite_all, q2_lock, q2_lock_destroy, q2_lock_init,
-                              q2_raise, q2_sync, q2_unlock, q2_unlock_rc, read_table)
+from hvcore.aio cimport AioQueue
+from hvcore.includes.aio cimport RWF_DSYNC
+from hvcore.qcow2_data cimport aio_flush, aio_map, do_read, do_write, do_zero, write_pieces
+from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_IO, K_COMP, K_DATA, OFF_MASK,
+                              Q2, RT_MASK, pwrite_all, q2_fail, q2_lock, q2_lock_destroy,
+                              q2_lock_init, q2_raise, q2_sync, q2_unlock, q2_unlock_rc,
+                              read_table)
+from hvcore.qcow2_pipe cimport AioRun, run_aio
 from hvcore.qcow2_l2 cimport (classify, do_flush, l1_grow, l2_entry, l2_get, l2_init,
                               l2_release, set_entry)
 from hvcore.qcow2_refcount cimport alloc, meta_set, rc_init, rc_release
@@ -545,6 +549,40 @@ cdef class Qcow2:
                             break
                 off = (off + step) % q.size
         free(buf)
+        q2_raise(q, rc)
+
+    def bench_aio(self, AioQueue queue not None, bint write, uint64_t count,
+                  uint64_t bufsize, uint64_t step, uint64_t offset, int pattern,
+                  uint64_t flush_interval, bint dsync=False):
+        """`img bench -i io_uring|native`: one thread keeps queue.depth requests in flight
+        (qcow2_pipe.run_aio, the GIL released): data of mapped clusters through the queue,
+        the rest through the engine. `dsync` (writethrough, directsync): queued writes are
+        durable when complete (RWF_DSYNC) and the engine's writes are followed by a flush."""
+        cdef uint8_t *buf
+        cdef AioRun r
+        cdef int rc
+        cdef Q2 *q = &self.q
+        if bufsize > q.size or bufsize == 0:
+            raise Qcow2Error("qcow2: the bench buffer must fit in the image")
+        if write and q.readonly:
+            raise Qcow2Error("qcow2: the image is open read-only")
+        if queue.q.depth == 0:
+            raise ValueError("the aio queue is closed")
+        if posix_memalign(<void**>&buf, 4096, bufsize) != 0:
+            raise MemoryError()
+        memset(buf, pattern, bufsize)
+        memset(&r, 0, sizeof(r))
+        r.ctx, r.map, r.flush = q, aio_map, aio_flush
+        r.write, r.count, r.bufsize, r.step = write, count, bufsize, step
+        r.offset, r.size, r.flush_interval = offset, q.size, flush_interval
+        r.rw_flags = RWF_DSYNC if dsync and write else 0
+        r.flush_sync_writes = dsync and write
+        with nogil:
+            rc = run_aio(&queue.q, &r, buf)
+        if not r.stuck:             # else the kernel may still write it: keep it
+            free(buf)
+        if rc < 0 and r.err:
+            q2_fail(q, E_IO, r.err, r.err_off)
         q2_raise(q, rc)
 
     def check(self, list l1_tables not None, list fixed not None, int fix=0):

@@ -23,12 +23,13 @@ from libc.string cimport memcpy, memset
 from posix.unistd cimport ftruncate
 
 from hvcore.qcow2_codec cimport all_zero, read_compressed
-from hvcore.qcow2_io cimport (ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, E_DATA_ALIGN, E_IO,
-                              E_L1_RANGE, E_META, K_COMP, K_DATA, K_UNALLOC, OFF_MASK, Q2,
-                              ZEROF, flush_pw, io_begin, io_end, pread_data, pwrite_all,
-                              pwrite_data, q2_fail, q2_lock, q2_store_exc, q2_unlock,
-                              q2_unlock_rc, queue_pw)
-from hvcore.qcow2_l2 cimport classify, l2_bitmap, l2_entry, l2_get, set_entry
+from hvcore.qcow2_io cimport (ALL_ALLOC, ALL_ZERO, COMPRESSED, COPIED, DIRECT_ALIGN,
+                              E_DATA_ALIGN, E_IO, E_L1_RANGE, E_META, K_COMP, K_DATA,
+                              K_UNALLOC, OFF_MASK, Q2, ZEROF, flush_pw, io_begin, io_end,
+                              pread_data, pwrite_all, pwrite_data, q2_clear_err, q2_fail,
+                              q2_lock, q2_store_exc, q2_unlock, q2_unlock_rc, queue_pw)
+from hvcore.qcow2_l2 cimport classify, do_flush, l2_bitmap, l2_entry, l2_get, set_entry
+from hvcore.qcow2_pipe cimport AioTarget
 from hvcore.qcow2_refcount cimport alloc, free_entry, is_meta
 
 
@@ -345,6 +346,67 @@ cdef int write_pieces(Q2 *q, const uint8_t *buf, const uint64_t *pieces, size_t 
         if inrun and write_range(q, g + start, p + start, n - start) < 0:
             return -1
     return flush_pw(q)
+
+
+# -- async requests (img bench -i io_uring|native) -------------------------------------------
+
+cdef bint map_direct(Q2 *q, bint write, uint64_t off, uint64_t n,
+                     uint64_t *phost) noexcept nogil:
+    """Under the lock: whether guest [off, off+n) is one run of host data inside the file
+    that may be read (mapped data) or written (in place, no metadata change) directly;
+    anything else, errors included, answers no and is left to do_read / do_write."""
+    cdef uint64_t len_, host = 0, start = 0, done = 0, in_c
+    cdef int k
+    while done < n:
+        if write:
+            in_c = (off + done) & q.cmask
+            len_ = min(n - done, q.cluster_size - in_c)
+            if not in_place(q, (off + done) >> q.cluster_bits, in_c, len_, &host):
+                return False
+        else:
+            k = classify(q, off + done, n - done, &len_, &host)
+            if k != K_DATA:
+                return False
+        if done == 0:
+            start = host
+        elif host != start + done:
+            return False
+        done += len_
+    if start + n > q.file_end:
+        return False
+    phost[0] = start
+    return True
+
+
+cdef int aio_map(void *ctx, bint write, uint64_t off, uint8_t *buf, uint64_t n,
+                 AioTarget *t) noexcept nogil:
+    """qcow2_pipe.run_aio's map: mapped data goes to the queue, everything else (allocation,
+    copy-on-write, compressed, zero, backing) through the engine at once, as QEMU
+    serialises allocation under its lock. The bench loop is the image's only user and
+    flushes only with its queue empty, so a mapping stays valid while its request runs."""
+    cdef Q2 *q = <Q2*>ctx
+    cdef uint64_t host = 0
+    cdef bint direct
+    q2_lock(q)
+    direct = map_direct(q, write, off, n, &host)
+    q2_unlock(q)
+    if not direct:
+        q2_clear_err(q)             # a lookup error recurs (and is kept) on the way below
+        return do_write(q, off, buf, n) if write else do_read(q, off, buf, n)
+    t.host = host
+    t.fallback_fd = q.fd
+    t.fd = q.fd
+    if q.dfd >= 0 and host % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 and \
+            (<uint64_t>buf) % DIRECT_ALIGN == 0:
+        t.fd = q.dfd
+    return 1
+
+
+cdef int aio_flush(void *ctx) noexcept nogil:
+    """qcow2_pipe.run_aio's flush (the queue is empty): metadata in crash-safe order."""
+    cdef Q2 *q = <Q2*>ctx
+    q2_lock(q)
+    return q2_unlock_rc(q, do_flush(q))
 
 
 # -- zero / unmap ---------------------------------------------------------------------------

@@ -121,3 +121,37 @@ def test_raw_extent_reader_and_piece_writer(tmp_path):
         os.close(fd)
     assert dst.read_bytes()[:16384] == bytes(data)
     assert os.stat(dst).st_blocks * 512 < 64 * 1024       # only the 4 KiB of data landed
+
+
+@pytest.mark.parametrize("kind", ["io_uring", "native"])
+def test_aio_queue_raw_requests_and_misuse(tmp_path, kind):
+    """The queue on a plain file: a count not divisible by the depth, a short buffer
+    refused, a closed queue refused (never a crash)."""
+    from hvcore.aio import AioQueue
+    from hvcore.qcow2_pipe import raw_aio_requests
+
+    try:
+        q = AioQueue(kind, 3)
+    except OSError as e:
+        pytest.skip(f"{kind}: {e}")
+    assert (q.kind, q.depth) == (kind, 3)
+    path = tmp_path / "r.raw"
+    path.write_bytes(bytes(1 << 20))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        buf = bytearray(b"\x07" * 4096)
+        raw_aio_requests(q, fd, -1, buf, True, 10, 8192, 4096, 1 << 20, 0, False)
+        data = path.read_bytes()
+        for i in range(10):
+            assert data[4096 + i * 8192:8192 + i * 8192] == b"\x07" * 4096
+        assert data.count(7) == 10 * 4096
+        with pytest.raises(ValueError):
+            raw_aio_requests(q, fd, -1, bytearray(2 << 20), False, 1, 0, 0, 1 << 20, 0, False)
+        q.close()
+        q.close()
+        with pytest.raises(ValueError):
+            raw_aio_requests(q, fd, -1, buf, False, 1, 0, 0, 1 << 20, 0, False)
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError):
+        AioQueue("posix", 4)
