@@ -155,3 +155,16 @@ def test_aio_queue_raw_requests_and_misuse(tmp_path, kind):
         os.close(fd)
     with pytest.raises(ValueError):
         AioQueue("posix", 4)
+
+
+def test_aio_queue_refusals_name_the_cause():
+    import errno
+
+    from hvcore.aio import _cause
+
+    assert _cause("io_uring", errno.ENOSYS).endswith("(the kernel has no io_uring)")
+    assert "ulimit -l" in _cause("io_uring", errno.ENOMEM)
+    eperm = _cause("io_uring", errno.EPERM)
+    assert eperm.startswith("io_uring_setup: Operation not permitted (")
+    assert "io_uring_disabled" in eperm or "seccomp" in eperm
+    assert _cause("native", errno.EAGAIN).endswith("(fs.aio-max-nr is reached)")

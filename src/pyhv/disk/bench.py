@@ -94,7 +94,8 @@ def _queue(path: str, aio: str, depth: int) -> AioQueue:
     try:
         return AioQueue(aio, depth)
     except OSError as e:
-        raise DiskError(f"Could not open '{path}': Unable to use {aio}: {e.strerror}") from None
+        name = "Linux AIO" if aio == "native" else aio
+        raise DiskError(f"Could not open '{path}': Unable to use {name}: {e.strerror}") from None
 
 
 def _aio_run(disk, queue: AioQueue, write: bool, count: int, bufsize: int, step: int,
