@@ -4,3 +4,7 @@ from hvcore.includes.stat cimport stat
 
 cdef class Stat:
     cdef stat st
+
+
+cdef long _open_beneath(int dirfd, const char *p, int flags, int mode,
+                        int *err) noexcept nogil

@@ -8,26 +8,19 @@ open_by_handle_at), directory listings packed as fuse_dirent records straight fr
 getdents64, and inotify record decoding. Every call releases the GIL around the syscall and
 raises OSError with the errno text after taking it back.
 
-`FileTable` is the data fast path: the open files' descriptors by FUSE file handle, and READ /
-WRITE served from the request buffer into a preallocated reply buffer without the GIL (one
-pread / pwrite per request; anything unusual is left to the Python handler).
+The tables the fast paths serve from live in `fsfiles` (open files) and `fsnodes` (inodes);
+`fsfast` answers requests from them.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EINVAL, ENOSYS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free, realloc
+from libc.stdlib cimport malloc, free
 from libc.string cimport memchr, memcpy, memset, strlen
-from posix.unistd cimport lseek, read, write, pread, pwrite, close
-from libc.errno cimport EINTR, EAGAIN, ENOENT
+from posix.unistd cimport lseek, close
 from posix.fcntl cimport O_CREAT
 
-from hvcore.includes.fuse cimport (fuse_dirent, FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS,
-                                   fuse_in_header, fuse_out_header, fuse_read_in,
-                                   fuse_write_in, fuse_write_out, FUSE_READ, FUSE_WRITE,
-                                   FUSE_WRITE_KILL_SUIDGID)
-from hvcore.includes.sys cimport (pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock)
+from hvcore.includes.fuse cimport fuse_dirent, FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS
 from hvcore.includes.dirent cimport dirent64, getdents64
 from hvcore.includes.inotify cimport inotify_event
 from hvcore.includes.openat2 cimport (open_how, syscall, SYS_openat2, RESOLVE_BENEATH,
@@ -202,7 +195,7 @@ cdef int _have_openat2 = 1
 
 
 cdef long _open_beneath(int dirfd, const char *p, int flags, int mode,
-                        int *err) noexcept nogil:
+                       int *err) noexcept nogil:
     global _have_openat2
     cdef open_how how
     cdef long fd = -1
@@ -363,234 +356,3 @@ def inotify_events(buf) -> list:
         result.append((ev.wd, ev.mask, ev.cookie, name))
         pos += hdr + ev.len
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Open files and the READ / WRITE fast path.
-
-cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
-
-
-cdef struct Slot:
-    int fd            # -1: free
-    int pins          # fast-path requests using fd now
-    uint32_t gen      # bumped on every reuse: a stale file handle never finds the new file
-    bint closing      # removed while pinned: the last unpin closes fd
-    bint written
-
-
-cdef class FileTable:
-    """Open files by FUSE file handle (`fh` = generation << 32 | slot + 1). `add(fd)` hands out
-    a handle and owns the descriptor from then on; `remove(fh)` closes it (after any READ /
-    WRITE still using it). `serve(req, out)` / `serve_dev(...)` answer READ and WRITE."""
-    cdef Slot *slots
-    cdef Py_ssize_t cap
-    cdef Py_ssize_t hint
-    cdef pthread_mutex_t lock
-    cdef public bint enabled        # set once INIT is done
-    cdef public bint writable       # WRITE served here (not on a read-only share)
-    cdef public uint32_t max_io     # largest READ served here (max_write)
-
-    def __cinit__(self):
-        pthread_mutex_init(&self.lock, NULL)
-        self.cap = 0
-        self.slots = NULL
-        self.hint = 0
-
-    def __dealloc__(self):
-        cdef Py_ssize_t i
-        for i in range(self.cap):
-            if self.slots[i].fd >= 0:
-                close(self.slots[i].fd)
-        free(self.slots)
-        pthread_mutex_destroy(&self.lock)
-
-    def add(self, int fd) -> int:
-        cdef Py_ssize_t i, n
-        cdef Slot *grown
-        pthread_mutex_lock(&self.lock)
-        for n in range(self.cap):
-            i = (self.hint + n) % self.cap
-            if self.slots[i].fd < 0:
-                break
-        else:
-            n = self.cap * 2 if self.cap else 64
-            grown = <Slot *>realloc_slots(self.slots, n)
-            if grown == NULL:
-                pthread_mutex_unlock(&self.lock)
-                raise MemoryError()
-            memset(grown + self.cap, 0, (n - self.cap) * sizeof(Slot))
-            for i in range(self.cap, n):
-                grown[i].fd = -1
-            i = self.cap
-            self.slots, self.cap = grown, n
-        self.slots[i].fd = fd
-        self.slots[i].pins = 0
-        self.slots[i].closing = 0
-        self.slots[i].written = 0
-        self.slots[i].gen += 1
-        self.hint = i + 1
-        cdef uint64_t fh = (<uint64_t>self.slots[i].gen << 32) | <uint64_t>(i + 1)
-        pthread_mutex_unlock(&self.lock)
-        return fh
-
-    def remove(self, uint64_t fh) -> bool:
-        """Forget `fh` and close its descriptor (now, or when the last READ / WRITE using it
-        ends). Returns whether the fast path wrote to it."""
-        cdef int fd = -1
-        cdef bint written = 0
-        cdef Slot *sl
-        pthread_mutex_lock(&self.lock)
-        sl = self._slot(fh)
-        if sl != NULL:
-            written = sl.written
-            if sl.pins:
-                sl.closing = 1
-            else:
-                fd, sl.fd = sl.fd, -1
-        pthread_mutex_unlock(&self.lock)
-        if fd >= 0:
-            close(fd)
-        return written
-
-    def written(self, uint64_t fh) -> bool:
-        cdef Slot *sl
-        pthread_mutex_lock(&self.lock)
-        sl = self._slot(fh)
-        cdef bint w = sl != NULL and sl.written
-        pthread_mutex_unlock(&self.lock)
-        return w
-
-    cdef Slot *_slot(self, uint64_t fh) noexcept nogil:
-        """With the lock held: the live slot of `fh`, or NULL."""
-        cdef uint64_t i = ((fh << 32) >> 32) - 1
-        if ((fh << 32) >> 32) == 0 or i >= <uint64_t>self.cap:
-            return NULL
-        cdef Slot *sl = &self.slots[i]
-        if sl.fd < 0 or sl.closing or sl.gen != <uint32_t>(fh >> 32):
-            return NULL
-        return sl
-
-    cdef int _pin(self, uint64_t fh, bint write) noexcept nogil:
-        cdef int fd = -1
-        pthread_mutex_lock(&self.lock)
-        cdef Slot *sl = self._slot(fh)
-        if sl != NULL:
-            sl.pins += 1
-            if write:
-                sl.written = 1
-            fd = sl.fd
-        pthread_mutex_unlock(&self.lock)
-        return fd
-
-    cdef void _unpin(self, uint64_t fh) noexcept nogil:
-        cdef int fd = -1
-        cdef uint64_t i = ((fh << 32) >> 32) - 1
-        pthread_mutex_lock(&self.lock)
-        cdef Slot *sl = &self.slots[i]        # pinned: the slot exists and is not reused
-        sl.pins -= 1
-        if sl.pins == 0 and sl.closing:
-            fd, sl.fd, sl.closing = sl.fd, -1, 0
-        pthread_mutex_unlock(&self.lock)
-        if fd >= 0:
-            close(fd)
-
-    cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
-                           Py_ssize_t cap) noexcept nogil:
-        """Answer one READ / WRITE into `out`; returns the reply length, or 0 when the request
-        is for the Python handler (another opcode, an unknown handle, anything odd)."""
-        cdef const fuse_in_header *h = <const fuse_in_header *>req
-        cdef const fuse_read_in *rd
-        cdef const fuse_write_in *wr
-        cdef Py_ssize_t hdr = sizeof(fuse_in_header), ohdr = sizeof(fuse_out_header)
-        cdef ssize_t r
-        cdef int fd, err = 0
-        if not self.enabled or n < hdr + <Py_ssize_t>sizeof(fuse_read_in) or h.len != n:
-            return 0
-        if h.opcode == FUSE_READ:
-            rd = <const fuse_read_in *>(req + hdr)
-            if (rd.size > self.max_io or <Py_ssize_t>rd.size > cap - ohdr
-                    or rd.offset > MAX_OFFSET):
-                return 0
-            fd = self._pin(rd.fh, 0)
-            if fd < 0:
-                return 0
-            r = pread(fd, out + ohdr, rd.size, <int64_t>rd.offset)
-            if r < 0:
-                err = errno
-            self._unpin(rd.fh)
-            return _reply_header(out, h.unique, err, ohdr + (r if r > 0 else 0))
-        if h.opcode == FUSE_WRITE and self.writable:
-            wr = <const fuse_write_in *>(req + hdr)
-            if (<Py_ssize_t>wr.size != n - hdr - <Py_ssize_t>sizeof(fuse_write_in)
-                    or wr.write_flags & FUSE_WRITE_KILL_SUIDGID or wr.offset > MAX_OFFSET
-                    or wr.offset + wr.size > MAX_OFFSET or cap < ohdr + 8):
-                return 0
-            fd = self._pin(wr.fh, 1)
-            if fd < 0:
-                return 0
-            r = pwrite(fd, req + hdr + sizeof(fuse_write_in), wr.size, <int64_t>wr.offset)
-            if r < 0:
-                err = errno
-            self._unpin(wr.fh)
-            if err:
-                return _reply_header(out, h.unique, err, ohdr)
-            memset(out + ohdr, 0, 8)
-            (<fuse_write_out *>(out + ohdr)).size = <uint32_t>r
-            return _reply_header(out, h.unique, 0, ohdr + 8)
-        return 0
-
-    def serve(self, req, out) -> int:
-        """Answer a READ / WRITE request into `out`: the reply length, or 0 when the request
-        is for the Python handler."""
-        cdef const uint8_t[::1] rq = req
-        cdef uint8_t[::1] o = out
-        if rq.shape[0] == 0 or o.shape[0] == 0:
-            return 0
-        cdef const uint8_t *rp = &rq[0]
-        cdef uint8_t *op = &o[0]
-        with nogil:
-            n = self._serve(rp, rq.shape[0], op, o.shape[0])
-        return n
-
-    def serve_dev(self, int devfd, buf, out) -> int:
-        """Read requests from a /dev/fuse descriptor into `buf`, answering READ / WRITE without
-        the GIL, until one is for the Python handler: returns its length (it is in `buf`),
-        0 at end of file, or -errno when the read fails (EINTR, EAGAIN, ENOENT: retried)."""
-        cdef uint8_t[::1] b = buf
-        cdef uint8_t[::1] o = out
-        cdef ssize_t n = 0
-        cdef Py_ssize_t m
-        if b.shape[0] == 0 or o.shape[0] == 0:
-            raise ValueError("empty buffer")
-        cdef uint8_t *bp = &b[0]
-        cdef uint8_t *op = &o[0]
-        cdef Py_ssize_t bn = b.shape[0], on = o.shape[0]
-        with nogil:
-            while True:
-                n = read(devfd, bp, bn)
-                if n < 0:
-                    if errno == EINTR or errno == EAGAIN or errno == ENOENT:
-                        continue
-                    n = -errno
-                    break
-                if n == 0:
-                    break
-                m = self._serve(bp, n, op, on)
-                if m == 0:
-                    break
-                write(devfd, op, m)     # ENOENT: the request was interrupted meanwhile
-        return n
-
-
-cdef inline Py_ssize_t _reply_header(uint8_t *out, uint64_t unique, int err,
-                                     Py_ssize_t total) noexcept nogil:
-    cdef fuse_out_header *o = <fuse_out_header *>out
-    o.len = <uint32_t>total
-    o.error = -err
-    o.unique = unique
-    return total
-
-
-cdef inline void *realloc_slots(Slot *p, Py_ssize_t n) noexcept nogil:
-    return realloc(p, n * sizeof(Slot))

@@ -1,4 +1,4 @@
-"""hvcore.fsops.FileTable: READ / WRITE answered in C from the request buffer. Anything it
+"""hvcore.fsfiles.FileTable: READ / WRITE answered in C from the request buffer. Anything it
 does not answer (unknown or stale handles, odd sizes, other opcodes) is left to the Python
 handler (it returns 0), and no input makes it read or write outside its buffers."""
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcore import fsops as fs
 from hvcore import fuseproto as fp
+from hvcore.fsfiles import FileTable
 from tests.helpers.share_proto import IN_HEADER, reply, request
 
 IO_IN = struct.Struct("=QQIIQII")       # fuse_read_in / fuse_write_in (40 bytes)
@@ -21,7 +21,7 @@ IO_IN = struct.Struct("=QQIIQII")       # fuse_read_in / fuse_write_in (40 bytes
 
 @pytest.fixture
 def table(tmp_path):
-    t = fs.FileTable()
+    t = FileTable()
     t.enabled, t.writable, t.max_io = True, True, 1 << 16
     path = tmp_path / "f"
     path.write_bytes(b"0123456789")
@@ -58,7 +58,7 @@ def test_stale_and_unknown_handles_are_left_to_python(table):
     assert serve(t, read_req(fh + 1, 0, 4)) is None
     assert serve(t, read_req(0, 0, 4)) is None
     assert serve(t, read_req((7 << 32) | (fh & 0xFFFFFFFF), 0, 4)) is None   # wrong generation
-    assert t.remove(fh) is False
+    assert t.remove(fh) == (False, -1) and t.remove(fh) is None    # not written; gone
     assert serve(t, read_req(fh, 0, 4)) is None
     handles = [t.add(os.open(path, os.O_RDONLY | os.O_CLOEXEC)) for _ in range(64)]
     again = [h for h in handles if h & 0xFFFFFFFF == fh & 0xFFFFFFFF]
@@ -104,7 +104,7 @@ def test_reply_buffer_too_small_and_io_errors(table, tmp_path):
 @given(opcode=st.sampled_from([fp.READ, fp.WRITE, fp.GETATTR]), body=st.binary(max_size=120),
        fh=st.sampled_from([0, 1, (1 << 32) | 1, 1 << 63]))
 def test_random_requests_never_crash(tmp_path_factory, opcode, body, fh):
-    t = fs.FileTable()
+    t = FileTable()
     t.enabled, t.writable, t.max_io = True, True, 64
     path = tmp_path_factory.mktemp("fast") / "f"
     path.write_bytes(b"x" * 100)

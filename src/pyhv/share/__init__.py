@@ -6,8 +6,11 @@ Layers, each its own module:
   request becomes an error reply, never a crash or an out-of-bounds read. `protoref` is its
   pure-Python reference twin, run over the same test cases.
 - `hvcore.fsops` (Cython): the system calls (openat2 lookups, file handles, getdents packing,
-  inotify decoding, ...) and `FileTable`, the open files by file handle, which answers READ
-  and WRITE in C without the GIL (the /dev/fuse readers loop there; `handle` uses it too).
+  inotify decoding, ...). `hvcore.fsnodes`: the inode table (C). `hvcore.fsfiles`: the open
+  files by file handle, READ / WRITE. `hvcore.fsfast`: the hot requests (LOOKUP, GETATTR,
+  FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) answered in C from those two
+  tables without the GIL; the /dev/fuse readers loop there, `handle` tries it first, and
+  whatever it declines goes to the Python handlers, which use the same tables.
 - `server.FuseServer`: the request handler. **Transport interface**: a transport delivers one
   whole request buffer at a time to `FuseServer.handle(buf) -> list[bytes-like]` and writes
   the returned buffers back as one reply (gathered, e.g. `os.writev`); an empty list means
@@ -16,10 +19,10 @@ Layers, each its own module:
   buffers. `handle` is thread-safe: several transport threads may call it at once. The handler
   knows nothing of where buffers come from: `/dev/fuse` now (`devfuse`), a virtio-fs queue
   later.
-- `inodes`: every host inode the client knows is a file handle with its O_PATH descriptor in
-  a bounded cache (as root; otherwise one descriptor per inode); lookups are single
-  components resolved with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so no request can
-  reach a path outside the shared directory.
+- `inodes`: the Python face of the inode table: every host inode the client knows is a file
+  handle with its O_PATH descriptor in a bounded cache (as root; otherwise one descriptor
+  per inode); lookups are single components resolved with openat2(RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS), so no request can reach a path outside the shared directory.
 - `meta` / `data` / `locks`: the passthrough operations (names and attributes; file data;
   POSIX and flock locks).
 - `idmap`: `--uid-map/--gid-map` translation. `options`: cache modes and limits.

@@ -89,7 +89,7 @@ class DataOps:
         if write_flags & fp.WRITE_KILL_SUIDGID:
             kill_suidgid(h.fd)
         n = os.pwrite(h.fd, data, offset)
-        h.written = True          # stamped at RELEASE, before the close the watch sees
+        self.files.mark_written(fh)     # stamped at RELEASE, before the close the watch sees
         return [fp.write_reply(unique, n)]
 
     def _op_flush(self, unique, nodeid, args, ctx):
@@ -100,13 +100,15 @@ class DataOps:
 
     def _op_release(self, unique, nodeid, args, ctx):
         fh, _flags, release_flags, lock_owner = args
-        h = self.handles.pop(fh, None)
-        if h is not None:
-            if release_flags & fp.RELEASE_FLUSH:
-                self._drop_posix_locks(h.inode, lock_owner)
-            if h.written or self.files.written(fh):
-                self._stamp(h.inode, h.fd)
-            self._close_handle(fh, h)      # closing also drops its flock locks
+        try:
+            h = self._handle(fh)
+        except OSError:
+            return [fp.error_reply(unique, 0)]
+        if release_flags & fp.RELEASE_FLUSH:
+            self._drop_posix_locks(h.inode, lock_owner)
+        if self.files.written(fh):
+            self._stamp(h.inode, h.fd)
+        self._close_handle(fh)             # closing also drops its flock locks
         return [fp.error_reply(unique, 0)]
 
     def _op_fsync(self, unique, nodeid, args, ctx):

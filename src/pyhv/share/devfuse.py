@@ -1,10 +1,11 @@
 """The /dev/fuse transport: mount, a pool of reader threads on cloned descriptors, unmount.
 
 Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests in C
-(`FileTable.serve_dev`), which answers READ and WRITE itself without the GIL; any other
-request goes to `FuseServer.handle`, and its reply is written with one writev. When every reader but
-one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so one slow
-request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
+(`hvcore.fsfast.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
+FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL; any other
+request goes to `FuseServer.dispatch`, and its reply is written with one writev. When every
+reader but one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so
+one slow request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
 unmount). Root mounts with mount(2); a normal user goes through fusermount3.
 """
 
@@ -169,11 +170,11 @@ class DevFuse:
         buf = bytearray(self.bufsize)
         out = bytearray(self.bufsize)       # READ / WRITE replies, written in C
         view = memoryview(buf)
-        handle = self.server.handle
-        serve_dev = self.server.files.serve_dev
+        handle = self.server.dispatch
+        serve_dev = self.server.fast.serve_dev
         try:
             while True:
-                n = serve_dev(fd, buf, out)     # READ / WRITE answered inside, no GIL
+                n = serve_dev(fd, buf, out)     # the hot requests answered inside, no GIL
                 if n < 0:
                     if -n != errno.ENODEV:
                         log.warning("read /dev/fuse: %s", os.strerror(-n))

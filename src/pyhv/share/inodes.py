@@ -1,5 +1,10 @@
 """The inode table: every host inode the client holds, named by a file handle.
 
+The table itself is C (`hvcore.fsnodes.NodeTable`), so the fast path (`hvcore.fsfast`)
+answers LOOKUP, GETATTR, FORGET, OPEN, CREATE, ... without Python; this module is its Python
+face for the handlers that stay in Python, and keeps what only Python uses (POSIX lock
+descriptors).
+
 As virtiofsd's `--inode-file-handles`: each inode keeps a file handle (name_to_handle_at) and
 its O_PATH descriptor lives only in a bounded LRU cache, reopened with open_by_handle_at when
 needed, so a client that knows more inodes than RLIMIT_NOFILE allows is served. Opening by
@@ -28,10 +33,10 @@ import os
 import resource
 import stat as st_
 import threading
-from collections import OrderedDict
 
 from hvcore import fsops as fs
 from hvcore import fuseproto as fp
+from hvcore.fsnodes import NodeTable
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 FD_CACHE_MIN, FD_CACHE_MAX = 32, 65536
@@ -45,34 +50,32 @@ def default_fd_cache() -> int:
     return max(FD_CACHE_MIN, min(FD_CACHE_MAX, soft // 4))
 
 
-class Inode:
-    __slots__ = ("nodeid", "_fd", "dev", "ino", "mode", "handle", "mount_fd", "pins",
-                 "table", "nlookup", "wd", "stamp", "lock_fds", "lock_pids")
+class Locks:
+    """POSIX lock state of one inode: owner -> OFD descriptor, owner -> client pid."""
 
-    def __init__(self, nodeid: int, fd: int, dev: int, ino: int, mode: int,
-                 handle: bytes | None = None, mount_fd: int = -1, table=None,
-                 nlookup: int = 0):
+    __slots__ = ("fds", "pids")
+
+    def __init__(self):
+        self.fds: dict[int, int] = {}
+        self.pids: dict[int, int] = {}
+
+
+class Inode:
+    """One node of the C table, as the Python handlers see it (a view: cheap, not kept)."""
+
+    __slots__ = ("nodeid", "dev", "ino", "mode", "table")
+
+    def __init__(self, table: InodeTable, nodeid: int, dev: int, ino: int, mode: int):
+        self.table = table
         self.nodeid = nodeid
-        self._fd = fd                 # O_PATH descriptor, -1 while not cached
         self.dev = dev
         self.ino = ino
         self.mode = mode              # S_IFMT bits only (the type never changes)
-        self.handle = handle          # None: the descriptor is held for the inode's life
-        self.mount_fd = mount_fd      # for open_by_handle
-        self.pins = 0
-        self.table = table
-        self.nlookup = nlookup
-        self.wd = -1                  # inotify watch on a directory (watch.py)
-        self.stamp: tuple | None = None   # Stat.stamp after the server's own last change
-        self.lock_fds: dict = {}      # POSIX lock owner -> OFD descriptor
-        self.lock_pids: dict = {}     # POSIX lock owner -> client pid
 
     @property
     def fd(self) -> int:
         """The O_PATH descriptor, pinned until the current request ends."""
-        if self.handle is None:
-            return self._fd
-        return self.table.pin(self)
+        return self.table.pin(self)[0]
 
     @property
     def proc_path(self) -> str:
@@ -87,42 +90,50 @@ class Inode:
     def is_symlink(self) -> bool:
         return st_.S_ISLNK(self.mode)
 
+    @property
+    def stamp(self) -> tuple | None:
+        """Stat.stamp after the server's own last change (the host watch ignores it)."""
+        return self.table.c.stamp(self.nodeid)
+
+    @property
+    def locks(self) -> Locks:
+        return self.table.locks(self)
+
 
 class InodeTable:
     def __init__(self, root: str, fd_cache: int = 0):
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         s = fs.lstat_at(fd, b"")
-        self.root = Inode(fp.ROOT_ID, fd, s.dev, s.ino, st_.S_IFDIR, nlookup=1 << 62)
-        self._by_id: dict[int, Inode] = {fp.ROOT_ID: self.root}
-        self._by_key: dict[tuple[int, int], Inode] = {(s.dev, s.ino): self.root}
-        self._next = fp.ROOT_ID + 1
-        self._lock = threading.Lock()
-        self._lru: OrderedDict[Inode, None] = OrderedDict()   # cached handle-inode fds
-        self._mounts: dict[int, int] = {}                     # mount id -> mount descriptor
-        self._tls = threading.local()
         self.capacity = fd_cache or default_fd_cache()
-        self.use_handles = self._probe_handles(fd)
-        self.on_new_dir = None      # callable(Inode), set by the host watch
-        self.on_drop = None         # callable(Inode)
+        mount = self._probe_handles(fd)
+        self.use_handles = mount is not None
+        self.c = NodeTable(fd, s.dev, s.ino, self.capacity, self.use_handles)
+        if mount is not None:
+            self.c.add_mount(*mount)
+        self.root = Inode(self, fp.ROOT_ID, s.dev, s.ino, st_.S_IFDIR)
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._locks: dict[int, Locks] = {}     # nodeid -> POSIX lock state (while any)
 
-    def _probe_handles(self, root_fd: int) -> bool:
-        """Whether inodes can be named by handles here (root, a file system with handles)."""
+    @staticmethod
+    def _probe_handles(root_fd: int) -> tuple[int, int] | None:
+        """(mount id, mount descriptor) when inodes can be named by handles here (root, a
+        file system with handles), else None."""
         if os.geteuid() != 0:
-            return False
+            return None
         try:
             mount_id, handle = fs.handle_of(root_fd)
             mfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
         except OSError:
-            return False
+            return None
         try:
             os.close(fs.open_by_handle(mfd, handle, O_PATH_FLAGS))
         except OSError:
             os.close(mfd)
-            return False      # no CAP_DAC_READ_SEARCH (a container), or no handles
-        self._mounts[mount_id] = mfd
-        return True
+            return None       # no CAP_DAC_READ_SEARCH (a container), or no handles
+        return mount_id, mfd
 
-    # --- descriptors of handle inodes: pinned per request, cached in a bounded LRU --------
+    # --- descriptors: pinned per request, held by open files ----------------------------------
 
     def begin(self) -> None:
         """Start a request on this thread: descriptors it pins are released by `end()`."""
@@ -131,109 +142,62 @@ class InodeTable:
     def end(self) -> None:
         pinned = self._tls.pinned
         self._tls.pinned = None
-        if pinned:
-            self._unpin(pinned)
+        for slot in pinned or ():
+            self.c.unpin(slot)
 
-    def pin(self, node: Inode) -> int:
+    def pin(self, node: Inode) -> tuple[int, int]:
+        """(fd, slot) of the node, pinned until the request ends."""
         pinned = getattr(self._tls, "pinned", None)
         if pinned is None:
             raise RuntimeError("an inode descriptor was used outside a request")
-        evicted = None
+        fd, slot = self.c.pin(node.nodeid)
+        pinned.append(slot)
+        return fd, slot
+
+    def hold(self, node: Inode) -> int:
+        """Keep the inode's descriptor open until `unhold(slot)` (an open file): the slot."""
+        slot = self.pin(node)[1]
+        self.c.hold(slot)
+        return slot
+
+    def unhold(self, slot: int) -> None:
+        self.c.unpin(slot)
+
+    def locks(self, node: Inode) -> Locks:
+        """The node's POSIX lock state; the fast path leaves FLUSH, RELEASE and the last
+        FORGET of such a node to Python while it has any."""
         with self._lock:
-            fd = node._fd
-            if fd >= 0:
-                node.pins += 1
-                pinned.append(node)
-                if node in self._lru:
-                    self._lru.move_to_end(node)
-                elif node.nodeid in self._by_id:      # held open, evicted meanwhile
-                    self._lru[node] = None
-                    evicted = self._evict()
-        if fd >= 0:
-            if evicted:
-                self._close_fds(evicted)
-            return fd
-        fd = fs.open_by_handle(node.mount_fd, node.handle, O_PATH_FLAGS)
+            lk = self._locks.get(node.nodeid)
+            if lk is None:
+                lk = self._locks[node.nodeid] = Locks()
+                self.c.set_pyheld(node.nodeid, True)
+            return lk
+
+    def existing_locks(self, node: Inode) -> Locks | None:
+        return self._locks.get(node.nodeid)
+
+    def drop_locks_if_unused(self, node: Inode) -> None:
         with self._lock:
-            if node._fd >= 0:            # another thread reopened it meanwhile
-                extra, fd = fd, node._fd
-            else:
-                extra = -1
-                node._fd = fd
-                if node.nodeid in self._by_id:
-                    self._lru[node] = None
-            node.pins += 1
-            pinned.append(node)
-            evicted = self._evict()
-        if extra >= 0:
-            os.close(extra)
-        self._close_fds(evicted)
-        return fd
+            lk = self._locks.get(node.nodeid)
+            if lk is not None and not lk.fds:
+                del self._locks[node.nodeid]
+                self.c.set_pyheld(node.nodeid, False)
 
-    def hold(self, node: Inode) -> None:
-        """Keep the inode's descriptor open until `unhold` (an open file or directory)."""
-        if node.handle is not None:
-            node.fd                         # noqa: B018 (opens it, pinned for this request)
-            with self._lock:
-                node.pins += 1
-
-    def unhold(self, node: Inode) -> None:
-        if node.handle is not None:
-            self._unpin([node])
-
-    def _unpin(self, nodes: list) -> None:
-        close = []
-        with self._lock:
-            for node in nodes:
-                node.pins -= 1
-                if node.pins == 0 and node._fd >= 0 and node not in self._lru:
-                    close.append(node._fd)      # evicted or forgotten while pinned
-                    node._fd = -1
-        self._close_fds(close)
-
-    def _evict(self) -> list:
-        """With the lock held: take descriptors over capacity out of the cache (LRU first);
-        returns those to close (pinned ones close when their last pin goes)."""
-        out = []
-        while len(self._lru) > self.capacity:
-            node, _ = self._lru.popitem(last=False)
-            if node.pins == 0 and node._fd >= 0:
-                out.append(node._fd)
-                node._fd = -1
-        return out
-
-    @staticmethod
-    def _close_fds(fds: list) -> None:
-        for fd in fds:
-            os.close(fd)
-
-    def _mount_fd(self, mount_id: int, fd: int, s) -> int:
-        """A descriptor on the mount a new inode is on (-1: none, keep the inode's fd)."""
-        mfd = self._mounts.get(mount_id)
-        if mfd is not None or not st_.S_ISDIR(s.mode):
-            return -1 if mfd is None else mfd
-        mfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        with self._lock:
-            kept = self._mounts.setdefault(mount_id, mfd)
-        if kept != mfd:
-            os.close(mfd)
-        return kept
+    # --- the table ------------------------------------------------------------------------
 
     def get(self, nodeid: int) -> Inode:
-        try:
-            return self._by_id[nodeid]
-        except KeyError:
-            raise OSError(errno.ESTALE, f"unknown nodeid {nodeid}") from None
+        dev, ino, mode, _handle = self.c.info(nodeid)
+        return Inode(self, nodeid, dev, ino, mode)
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self.c)
 
     def open_child(self, parent: Inode, name: bytes) -> int:
         """O_PATH descriptor of `name` in `parent`, never outside the share."""
         if name == b".":
             return os.dup(parent.fd)
         if name == b"..":
-            if parent is self.root:
+            if parent.nodeid == fp.ROOT_ID:
                 return os.dup(self.root.fd)
             fd = os.open("..", O_PATH_FLAGS, dir_fd=parent.fd)
             if not self._inside(fd):
@@ -271,95 +235,43 @@ class InodeTable:
                 os.close(fd)
                 raise
             return self.adopt(fd, s), s
-        # open (RESOLVE_BENEATH), stat and file handle in one call without the GIL
-        fd, s, mount_id, handle = fs.lookup_at(parent.fd, name, O_PATH_FLAGS, self.use_handles)
-        return self.adopt(fd, s, (mount_id, handle)), s
+        # open (RESOLVE_BENEATH), stat, handle and the table in one call without the GIL
+        nodeid, s = self.c.lookup(parent.nodeid, name)
+        return Inode(self, nodeid, s.dev, s.ino, st_.S_IFMT(s.mode)), s
 
-    def adopt(self, fd: int, s: fs.Stat, ident: tuple | None = None) -> Inode:
-        """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup);
-        `ident` is its (mount id, file handle) when the caller has them already."""
-        key = (s.dev, s.ino)
-        handle, mount_fd = None, -1
-        if self.use_handles:
-            try:
-                mount_id, handle = fs.handle_of(fd) if ident is None else ident
-                if handle is not None:
-                    mount_fd = self._mount_fd(mount_id, fd, s)
-            except OSError:
-                handle = None            # a file system without handles: keep the fd
-            if mount_fd < 0:
-                handle = None
-        new, close, evicted = None, fd, []
-        with self._lock:
-            node = self._by_key.get(key)
-            if (node is not None and node.handle is not None and handle is not None
-                    and node.handle != handle):
-                node = None              # the inode number was reused: a new inode
-            if node is None:
-                node = Inode(self._next, fd, s.dev, s.ino, st_.S_IFMT(s.mode), handle,
-                             mount_fd, self)
-                self._next += 1
-                self._by_id[node.nodeid] = node
-                self._by_key[key] = node
-                new, close = node, -1
-                if handle is not None:
-                    self._lru[node] = None
-                    evicted = self._evict()
-            elif node.handle is not None and node._fd < 0:
-                node._fd, close = fd, -1         # cache the descriptor we have
-                self._lru[node] = None
-                evicted = self._evict()
-            node.nlookup += 1
-        if close >= 0:
-            os.close(close)
-        self._close_fds(evicted)
-        if new is not None and new.is_dir and self.on_new_dir is not None:
-            self.on_new_dir(new)
-        return node
+    def adopt(self, fd: int, s: fs.Stat) -> Inode:
+        """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup)."""
+        nodeid = self.c.adopt(fd, s)
+        return Inode(self, nodeid, s.dev, s.ino, st_.S_IFMT(s.mode))
+
+    def set_stamp(self, node: Inode, s: fs.Stat) -> None:
+        self.c.set_stamp(node.nodeid, s)
 
     def forget(self, nodeid: int, count: int) -> None:
-        close = -1
-        with self._lock:
-            node = self._by_id.get(nodeid)
-            if node is None or node is self.root:
-                return
-            node.nlookup -= count
-            if node.nlookup > 0:
-                return
-            del self._by_id[nodeid]
-            if self._by_key.get((node.dev, node.ino)) is node:
-                del self._by_key[(node.dev, node.ino)]
-            self._lru.pop(node, None)
-            if node.pins == 0 and node._fd >= 0:
-                close, node._fd = node._fd, -1
-        self._close(node, close)
-
-    def _close(self, node: Inode, fd: int) -> None:
-        if self.on_drop is not None:
-            self.on_drop(node)
-        for lfd in node.lock_fds.values():
-            os.close(lfd)
-        node.lock_fds.clear()
-        if fd >= 0:
-            os.close(fd)
+        if self.c.forget(nodeid, count):
+            with self._lock:
+                lk = self._locks.pop(nodeid, None)
+            if lk is not None:
+                for lfd in lk.fds.values():
+                    os.close(lfd)
 
     def find(self, dev: int, ino: int) -> Inode | None:
-        return self._by_key.get((dev, ino))
+        nodeid = self.c.find(dev, ino)
+        if not nodeid:
+            return None
+        try:
+            return self.get(nodeid)
+        except OSError:
+            return None           # forgotten meanwhile
 
     def close(self) -> None:
         with self._lock:
-            nodes = list(self._by_id.values())
-            self._by_id.clear()
-            self._by_key.clear()
-            self._lru.clear()
-            mounts = list(self._mounts.values())
-            self._mounts.clear()
-        for node in nodes:
-            fd, node._fd = node._fd, -1
-            self._close(node, fd)
-        self._close_fds(mounts)
+            locks, self._locks = list(self._locks.values()), {}
+        for lk in locks:
+            for lfd in lk.fds.values():
+                os.close(lfd)
+        self.c.close()
 
     def cached_fds(self) -> int:
         """How many inode descriptors are open now (root and fd-mode inodes included)."""
-        with self._lock:
-            return sum(1 for n in self._by_id.values() if n._fd >= 0)
+        return self.c.cached_fds()

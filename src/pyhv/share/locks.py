@@ -32,7 +32,8 @@ def _flock_arg(ltype: int, start: int, end: int) -> bytes:
 
 class LockOps:
     def _lock_fd(self, node, owner: int) -> int:
-        fd = node.lock_fds.get(owner)
+        locks = node.locks
+        fd = locks.fds.get(owner)
         if fd is not None:
             return fd
         if node.is_symlink or node.is_dir:
@@ -42,17 +43,21 @@ class LockOps:
         except OSError:
             fd = os.open(node.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         with _owner_lock:
-            kept = node.lock_fds.setdefault(owner, fd)
+            kept = locks.fds.setdefault(owner, fd)
         if kept != fd:
             os.close(fd)
         return kept
 
     def _drop_posix_locks(self, node, owner: int) -> None:
+        locks = self.inodes.existing_locks(node)
+        if locks is None:
+            return
         with _owner_lock:
-            fd = node.lock_fds.pop(owner, None)
-            node.lock_pids.pop(owner, None)
+            fd = locks.fds.pop(owner, None)
+            locks.pids.pop(owner, None)
         if fd is not None:
             os.close(fd)          # closing the description drops every lock it holds
+        self.inodes.drop_locks_if_unused(node)
 
     def _op_getlk(self, unique, nodeid, args, ctx):
         fh, owner, start, end, ltype, _pid, lk_flags = args
@@ -64,7 +69,7 @@ class LockOps:
         rtype, _whence, rstart, rlen, _ = FLOCK.unpack(res)
         if rtype == fcntl.F_UNLCK:
             return [fp.lk_reply(unique, 0, 0, fcntl.F_UNLCK, 0)]
-        others = [p for o, p in node.lock_pids.items() if o != owner]
+        others = [p for o, p in node.locks.pids.items() if o != owner]
         pid = others[0] if len(others) == 1 else 0
         rend = OFFSET_MAX if rlen == 0 else rstart + rlen - 1
         return [fp.lk_reply(unique, rstart, rend, rtype, pid)]
@@ -88,7 +93,8 @@ class LockOps:
             def attempt():
                 fcntl.flock(fd, op | (fcntl.LOCK_NB if op != fcntl.LOCK_UN else 0))
         else:
-            if ltype == fcntl.F_UNLCK and owner not in node.lock_fds:
+            held = self.inodes.existing_locks(node)
+            if ltype == fcntl.F_UNLCK and (held is None or owner not in held.fds):
                 return [fp.error_reply(unique, 0)]
             arg = _flock_arg(ltype, start, end)
             fd = self._lock_fd(node, owner)
@@ -96,7 +102,7 @@ class LockOps:
             def attempt():
                 fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
                 if ltype != fcntl.F_UNLCK:
-                    node.lock_pids[owner] = pid
+                    node.locks.pids[owner] = pid
         if wait:
             self._wait_for(unique, attempt)
         else:

@@ -47,7 +47,8 @@ class MetaOps:
     def _op_setattr(self, unique, nodeid, args, ctx):
         valid, fh, size, _owner, atime, atimens, mtime, mtimens, mode, uid, gid = args
         node = self.inodes.get(nodeid)
-        fd = self.handles[fh].fd if valid & FA["FH"] and fh in self.handles else None
+        info = self.files.info(fh) if valid & FA["FH"] else None
+        fd = info[0] if info is not None else None
         path = node.proc_path
         if valid & FA["MODE"]:
             if node.is_symlink:
@@ -271,12 +272,12 @@ class MetaOps:
         p = self.policy
         with h.lock:
             entries = fs.list_dir(h.fd, offset, min(size, self.opts.max_write))
-        known, dev = self.inodes.find, h.inode.dev
+        known, dev = self.inodes.c.find, h.inode.dev
         for name, ino, dtype, off in entries:
             # nodeid 0: a plain entry, no attributes. For '.' and '..', and for inodes the
             # client already holds (it looked them up; `git status` lstats every file before
             # it reads the directories): a lookup here would only repeat that work.
-            if name == b"." or name == b".." or known(dev, ino) is not None:
+            if name == b"." or name == b".." or known(dev, ino):
                 out.add(name, ino, dtype, off, 0, None, 0, 0, 0.0, 0.0)
                 continue
             try:
@@ -290,9 +291,7 @@ class MetaOps:
         return [fp.header(unique, len(data)), data]
 
     def _op_releasedir(self, unique, nodeid, args, ctx):
-        h = self.handles.pop(args[0], None)
-        if h is not None:
-            self._close_handle(args[0], h)
+        self._close_handle(args[0])
         return [fp.error_reply(unique, 0)]
 
     def _op_fsyncdir(self, unique, nodeid, args, ctx):

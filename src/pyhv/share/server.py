@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from hvcore import fsops as fs
 from hvcore import fuseproto as fp
+from hvcore.fsfast import FastPath
+from hvcore.fsfiles import FileTable
 from pyhv.share.data import DataOps
 from pyhv.share.inodes import Inode, InodeTable
 from pyhv.share.locks import LockOps
@@ -35,14 +38,14 @@ MODIFYING = frozenset({fp.SETATTR, fp.SYMLINK, fp.MKNOD, fp.MKDIR, fp.UNLINK, fp
 
 
 class Handle:
-    """An open file or directory: a real descriptor (not O_PATH) and the inode it is on."""
+    """An open file or directory: a real descriptor (not O_PATH, owned by the FileTable) and
+    the inode it is on; directories keep one (with the lock their listings take)."""
 
-    __slots__ = ("fd", "inode", "lock", "written")
+    __slots__ = ("fd", "inode", "lock")
 
     def __init__(self, fd: int, inode: Inode, locked: bool = False):
         self.fd = fd
         self.inode = inode
-        self.written = False
         self.lock = threading.Lock() if locked else None
 
 
@@ -54,11 +57,13 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.policy = options.policy
         self.idmap = options.idmap
         self.inodes = InodeTable(options.root, options.fd_cache)
-        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, Handle] = {}       # open directories (files: only in `files`)
         # the open files' descriptors, by file handle; READ / WRITE are answered there in C
-        self.files = fs.FileTable()
+        self.files = FileTable()
         self.files.max_io = options.max_write
         self.files.writable = not options.readonly
+        # LOOKUP, GETATTR, FORGET, OPEN, CREATE, FLUSH, RELEASE, UNLINK answered in C
+        self.fast = FastPath(self.inodes.c, self.files)
         self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
         self.negotiated = 0
         self.proto_minor = 0
@@ -77,6 +82,13 @@ class FuseServer(MetaOps, DataOps, LockOps):
 
     def handle(self, buf) -> list:
         """Serve one request; returns the reply buffers ([] when there is no reply)."""
+        return self._handle_request(buf, True)
+
+    def dispatch(self, buf) -> list:
+        """`handle` for a request the fast path has declined already (the transports)."""
+        return self._handle_request(buf, False)
+
+    def _handle_request(self, buf, fast: bool) -> list:
         try:
             opcode, unique, nodeid, uid, gid, pid, args = fp.decode(buf)
         except fp.ProtocolError as e:
@@ -93,11 +105,12 @@ class FuseServer(MetaOps, DataOps, LockOps):
             return [fp.error_reply(unique, errno.EIO)]
         if self.opts.readonly and opcode in MODIFYING:
             return [fp.error_reply(unique, errno.EROFS)]
-        if opcode == fp.READ or opcode == fp.WRITE:
-            out = bytearray(16 + (args[2] if opcode == fp.READ else 8))
-            n = self.files.serve(buf, out) if len(out) <= 16 + self.opts.max_write else 0
+        if fast:
+            size = 16 + args[2] if opcode == fp.READ else 0
+            out = bytearray(max(512, size))
+            n = self.fast.serve(buf, out) if size <= 16 + self.opts.max_write else 0
             if n:
-                return [memoryview(out)[:n]]       # else: the checks below answer it
+                return [memoryview(out)[:n]] if n > 0 else []   # else: Python answers it
         self.inodes.begin()
         try:
             return op(unique, nodeid, args, (uid, gid, pid))
@@ -113,29 +126,42 @@ class FuseServer(MetaOps, DataOps, LockOps):
             self.inodes.end()
 
     def close(self) -> None:
-        for fh in list(self.handles):
-            self.files.remove(fh)
-        self.handles.clear()
+        for fh in self.files.handles():
+            self._close_handle(fh)
         self.inodes.close()
+
+    def start_watching(self, inotify_fd: int, mask: int) -> None:
+        """The host watch is on: new directories get watches, own changes are remembered."""
+        self.watching = True
+        self.fast.watching = True
+        self.inodes.c.inotify_mask = mask
+        self.inodes.c.inotify_fd = inotify_fd
 
     # --- helpers the operation mixins share ------------------------------------------------
 
     def _new_handle(self, fd: int, inode: Inode, locked: bool = False) -> int:
-        self.inodes.hold(inode)           # an open file keeps its inode's descriptor
-        fh = self.files.add(fd)           # which owns (and closes) the descriptor from now on
-        self.handles[fh] = Handle(fd, inode, locked)
+        slot = self.inodes.hold(inode)    # an open file keeps its inode's descriptor
+        fh = self.files.add(fd, slot)     # which owns (and closes) the descriptor from now on
+        if locked:
+            self.dirs[fh] = Handle(fd, inode, locked)
         return fh
 
-    def _close_handle(self, fh: int, h: Handle) -> None:
+    def _close_handle(self, fh: int) -> None:
         """RELEASE(DIR): close the descriptor (after READ / WRITE still using it)."""
-        self.files.remove(fh)
-        self.inodes.unhold(h.inode)
+        self.dirs.pop(fh, None)
+        held = self.files.remove(fh)
+        if held is not None and held[1] >= 0:
+            self.inodes.unhold(held[1])
 
     def _handle(self, fh: int) -> Handle:
-        try:
-            return self.handles[fh]
-        except KeyError:
-            raise OSError(errno.EBADF, f"unknown file handle {fh}") from None
+        h = self.dirs.get(fh)
+        if h is not None:
+            return h
+        info = self.files.info(fh)
+        if info is None:
+            raise OSError(errno.EBADF, f"unknown file handle {fh}")
+        nodeid, dev, ino, mode = self.inodes.c.slot_info(info[1])
+        return Handle(info[0], Inode(self.inodes, nodeid, dev, ino, mode))
 
     def _expect(self, parent: Inode, name: bytes) -> None:
         """The host watch will see an event for this name: it is ours, not the host's."""
@@ -146,7 +172,7 @@ class FuseServer(MetaOps, DataOps, LockOps):
         """Remember the inode as our last change left it (the watch ignores that state)."""
         if self.watching:
             try:
-                node.stamp = (s or fs.lstat_at(node.fd if fd is None else fd, b"")).stamp
+                self.inodes.set_stamp(node, s or fs.lstat_at(node.fd if fd is None else fd, b""))
             except OSError:
                 pass
 
@@ -181,10 +207,23 @@ class FuseServer(MetaOps, DataOps, LockOps):
             want |= F["AUTO_INVAL_DATA"]
         self.negotiated = flags & want
         self.proto_minor = min(minor, fp.KERNEL_MINOR)
-        self.files.enabled = True         # READ / WRITE answered in C from now on
+        self._start_fast_path()
         max_pages = self.opts.max_write // 4096
         return [fp.init_reply(unique, self.proto_minor, max_readahead, self.negotiated,
                               64, 48, self.opts.max_write, 1, max_pages)]
+
+    def _start_fast_path(self) -> None:
+        """From INIT on, the hot requests are answered in C with this share's settings."""
+        p, ids = self.policy, self.idmap
+        self.fast.configure(p.entry_timeout, p.attr_timeout, p.open_flags, self.opts.readonly,
+                            self.watching, bool(self.negotiated & F["WRITEBACK_CACHE"]),
+                            os.geteuid() == 0)
+        ok = True
+        for axis, a in enumerate((ids.uid, ids.gid)):
+            kind = 0 if a.identity else 1 if a.caller else 2
+            ok = self.fast.set_ids(axis, kind, a.own, a.ranges) and ok
+        self.files.enabled = True         # READ / WRITE answered in C from now on
+        self.fast.enabled = ok            # the rest too, unless the id map is too long
 
     def _op_destroy(self, unique, nodeid, args, ctx):
         return [fp.error_reply(unique, 0)]

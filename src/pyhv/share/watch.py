@@ -44,36 +44,13 @@ class HostWatch:
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self._wds: dict[int, object] = {}        # wd -> directory Inode
-        self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, daemon=True, name="host-watch")
-        self._warned = False
-        server.inodes.on_new_dir = self.add
-        server.watching = True
-        server.inodes.on_drop = self.remove
-        self.add(server.inodes.root)
-
-    def add(self, node) -> None:
-        wd = _libc.inotify_add_watch(self.fd, node.proc_path.encode(), MASK)
-        if wd < 0:
-            if not self._warned:
-                self._warned = True
-                log.warning("host watch: %s (some host changes show after the cache timeout)",
-                            os.strerror(ctypes.get_errno()))
-            return
-        node.wd = wd
-        with self._lock:
-            self._wds[wd] = node
-
-    def remove(self, node) -> None:
-        if node.wd < 0:
-            return
-        with self._lock:
-            if self._wds.get(node.wd) is node:
-                del self._wds[node.wd]
-                _libc.inotify_rm_watch(self.fd, node.wd)
-        node.wd = -1
+        # the inode table (C) adds a watch to every new directory and removes it on FORGET
+        server.start_watching(self.fd, MASK)
+        if server.inodes.c.add_watch(fp.ROOT_ID) < 0:
+            log.warning("host watch: cannot watch the share's root (some host changes show "
+                        "after the cache timeout)")
 
     def start(self) -> None:
         self._thread.start()
@@ -82,6 +59,7 @@ class HostWatch:
         os.write(self._stop_w, b"x")
         if self._thread.is_alive():
             self._thread.join(5)
+        self.server.inodes.c.inotify_fd = -1
         for fd in (self.fd, self._stop_r, self._stop_w):
             os.close(fd)
 
@@ -107,18 +85,21 @@ class HostWatch:
         entries: dict[tuple[int, bytes], None] = {}
         inodes: dict[int, None] = {}
         expected = self.server.expected
+        now = time.monotonic()
+        for key in self.server.fast.take_expected():     # the fast path's own changes
+            expected[key] = now
+        table = self.server.inodes
         for wd, mask, _cookie, name in events:
-            with self._lock:
-                parent = self._wds.get(wd)
-            if parent is None or not name:
+            parent_id = table.c.node_of_wd(wd) if name else 0
+            if not parent_id:
                 continue
-            key = (parent.nodeid, name)
+            key = (parent_id, name)
             if mask & NAME_EVENTS:
                 if expected.pop(key, None) is None:      # not one of the server's own
                     entries[key] = None
             if mask & DATA_EVENTS:
                 try:
-                    s = fs.lstat_at(parent.fd, name)
+                    s = fs.lstat_at(table.get(parent_id).fd, name)
                 except OSError:
                     continue
                 node = self.server.inodes.find(s.dev, s.ino)

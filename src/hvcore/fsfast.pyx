@@ -1,0 +1,515 @@
+# cython: language_level=3
+"""The request fast path: the requests a file tree walk, a stat storm or a create loop
+consist of (LOOKUP, GETATTR, FORGET, BATCH_FORGET, OPEN, CREATE, FLUSH, RELEASE, UNLINK,
+and READ / WRITE through `fsfiles`) answered in C from the inode table (`fsnodes`) and the
+open files, without the GIL and without entering Python.
+
+Python decides, this module does the per-request work: `pyhv.share.server` configures it
+at INIT (cache timeouts, id maps, open flags, read-only, host watch) and it applies exactly
+the Python handlers' semantics; anything they would treat specially (a name that is '.' or
+'..' or malformed, O_TRUNC with KILL_SUIDGID, an unmapped id, POSIX locks held on the inode,
+a read-only share's changes, a full table) returns 0 and goes to the Python handler instead.
+Names the server itself creates or removes are queued for the host watch (`take_expected`),
+so its inotify events are not echoed back as invalidations.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, EISDIR, ELOOP
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport calloc, free
+from libc.string cimport memchr, memcpy, memset
+from posix.fcntl cimport O_CREAT, O_EXCL, O_NOCTTY, O_DIRECT, O_CLOEXEC, O_TRUNC
+from posix.fcntl cimport O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR, O_APPEND, AT_FDCWD
+from posix.fcntl cimport open as c_open
+from posix.stat cimport fchmodat
+from posix.unistd cimport read, write, close
+
+from hvcore.fsattr cimport fill_attr_st, split_time, reply_header
+from hvcore.fsfiles cimport FileTable
+from hvcore.fsnodes cimport NodeTable
+from hvcore.fsops cimport _open_beneath
+from hvcore.fssys cimport unlinkat, O_PATH
+from hvcore.includes.fcntl cimport AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, fchownat
+from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_entry_out,
+                                   fuse_attr_out, fuse_open_out, fuse_open_in,
+                                   fuse_create_in, fuse_release_in, fuse_flush_in,
+                                   fuse_forget_in, fuse_forget_one, fuse_getattr_in,
+                                   FUSE_LOOKUP, FUSE_FORGET, FUSE_BATCH_FORGET, FUSE_GETATTR,
+                                   FUSE_OPEN, FUSE_CREATE, FUSE_FLUSH, FUSE_RELEASE,
+                                   FUSE_UNLINK, FUSE_READ, FUSE_WRITE, FUSE_OPEN_KILL_SUIDGID)
+from hvcore.includes.stat cimport stat, fstatat
+from hvcore.includes.sys cimport (pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
+                                  pthread_mutex_lock, pthread_mutex_unlock)
+
+DEF NAME_MAX = 255
+DEF S_IFMT = 0o170000
+DEF S_IFDIR = 0o040000
+DEF S_IFLNK = 0o120000
+DEF S_IFREG = 0o100000
+DEF S_ISGID = 0o2000
+DEF OVERFLOW = 65534
+cdef uint32_t UNCHANGED = 0xFFFFFFFF
+DEF MAX_RANGES = 8
+DEF EXPECT_SLOTS = 1024
+DEF NO_REPLY = -1
+# flags a client may pass that make no sense on a reopen (as pyhv.share.data.DROP_FLAGS)
+cdef int DROP_FLAGS = O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT
+
+
+cdef struct IdAxis:
+    int kind                # 0 identity, 1 the caller (osxfs style), 2 ranges
+    uint32_t own
+    int n
+    uint64_t guest[MAX_RANGES]
+    uint64_t host[MAX_RANGES]
+    uint64_t count[MAX_RANGES]
+
+
+cdef inline uint32_t to_guest(const IdAxis *a, uint32_t host, uint32_t caller) noexcept nogil:
+    cdef int i
+    if a.kind == 0:
+        return host
+    if a.kind == 1:
+        return caller if host == a.own else OVERFLOW
+    for i in range(a.n):
+        if a.host[i] <= host < a.host[i] + a.count[i]:
+            return <uint32_t>(a.guest[i] + host - a.host[i])
+    return OVERFLOW
+
+
+cdef inline bint to_host(const IdAxis *a, uint32_t guest, uint32_t *host) noexcept nogil:
+    """False when the guest id has no host id (the Python handler answers EINVAL)."""
+    cdef int i
+    if guest == UNCHANGED or a.kind == 0:
+        host[0] = guest
+        return 1
+    if a.kind == 1:
+        host[0] = a.own
+        return 1
+    for i in range(a.n):
+        if a.guest[i] <= guest < a.guest[i] + a.count[i]:
+            host[0] = <uint32_t>(a.host[i] + guest - a.guest[i])
+            return 1
+    return 0
+
+
+cdef struct Expect:
+    uint64_t parent
+    uint32_t len
+    char name[NAME_MAX + 1]
+
+
+cdef inline const char *_name(const uint8_t *req, Py_ssize_t off, Py_ssize_t n) noexcept nogil:
+    """The one path component at `off`, or NULL when it is anything but a plain name
+    (unterminated, empty, too long, with '/', '.' or '..': the decoder's business)."""
+    if off >= n:
+        return NULL
+    cdef const uint8_t *p = req + off
+    cdef const uint8_t *end = <const uint8_t *>memchr(p, 0, n - off)
+    if end == NULL:
+        return NULL
+    cdef Py_ssize_t length = end - p
+    if length == 0 or length > NAME_MAX or memchr(p, 47, length) != NULL:
+        return NULL
+    if p[0] == 46 and (length == 1 or (length == 2 and p[1] == 46)):    # '.', '..'
+        return NULL
+    return <const char *>p
+
+
+cdef class FastPath:
+    """Answers the hot requests in C (`serve`, `serve_dev`); 0 means "for Python"."""
+    cdef NodeTable nodes
+    cdef FileTable files
+    cdef IdAxis uid
+    cdef IdAxis gid
+    cdef uint64_t entry_sec, attr_sec
+    cdef uint32_t entry_nsec, attr_nsec
+    cdef Expect *expect
+    cdef int expect_head, expect_len
+    cdef pthread_mutex_t expect_lock
+    cdef public bint enabled            # set once INIT is done
+    cdef public bint readonly
+    cdef public bint watching           # stamps and expected names for the host watch
+    cdef public bint writeback          # FUSE_WRITEBACK_CACHE negotiated
+    cdef public bint chown_created      # a root server hands new inodes to the caller
+    cdef public uint32_t open_flags     # FOPEN_* for files (the cache mode's)
+
+    def __cinit__(self, NodeTable nodes not None, FileTable files not None):
+        self.nodes = nodes
+        self.files = files
+        pthread_mutex_init(&self.expect_lock, NULL)
+        self.expect = NULL
+
+    def __dealloc__(self):
+        free(self.expect)
+        pthread_mutex_destroy(&self.expect_lock)
+
+    def configure(self, double entry_timeout, double attr_timeout, uint32_t open_flags,
+                  bint readonly, bint watching, bint writeback, bint chown_created) -> None:
+        split_time(entry_timeout, &self.entry_sec, &self.entry_nsec)
+        split_time(attr_timeout, &self.attr_sec, &self.attr_nsec)
+        self.open_flags = open_flags
+        self.readonly, self.watching, self.writeback = readonly, watching, writeback
+        self.chown_created = chown_created
+        if watching and self.expect == NULL:
+            self.expect = <Expect *>calloc(EXPECT_SLOTS, sizeof(Expect))
+            if self.expect == NULL:
+                raise MemoryError()
+
+    def set_ids(self, int axis, int kind, uint32_t own, list ranges) -> bool:
+        """One id axis (0 uid, 1 gid): kind 0 identity, 1 caller, 2 [(guest, host, count)].
+        False (and the fast path stays off) when there are more ranges than it keeps."""
+        cdef IdAxis *a = &self.uid if axis == 0 else &self.gid
+        if len(ranges) > MAX_RANGES:
+            return False
+        a.kind, a.own, a.n = kind, own, len(ranges)
+        for i, (g, h, c) in enumerate(ranges):
+            a.guest[i], a.host[i], a.count[i] = g, h, c
+        return True
+
+    def take_expected(self) -> list:
+        """[(parent nodeid, name), ...] the fast path changed since the last call."""
+        cdef int i, k
+        out = []
+        if self.expect == NULL:
+            return out
+        pthread_mutex_lock(&self.expect_lock)
+        for i in range(self.expect_len):
+            k = (self.expect_head + EXPECT_SLOTS - self.expect_len + i) % EXPECT_SLOTS
+            out.append((self.expect[k].parent,
+                        PyBytes_FromStringAndSize(self.expect[k].name, self.expect[k].len)))
+        self.expect_len = 0
+        pthread_mutex_unlock(&self.expect_lock)
+        return out
+
+    cdef void _expect_name(self, uint64_t parent, const char *name) noexcept nogil:
+        """The host watch will see an event for this name: it is ours (oldest lost first)."""
+        if not self.watching or self.expect == NULL:
+            return
+        cdef size_t length = <size_t>(<const char *>memchr(name, 0, NAME_MAX + 1) - name)
+        pthread_mutex_lock(&self.expect_lock)
+        cdef Expect *e = &self.expect[self.expect_head]
+        e.parent = parent
+        e.len = <uint32_t>length
+        memcpy(e.name, name, length)
+        self.expect_head = (self.expect_head + 1) % EXPECT_SLOTS
+        if self.expect_len < EXPECT_SLOTS:
+            self.expect_len += 1
+        pthread_mutex_unlock(&self.expect_lock)
+
+    # --- replies ----------------------------------------------------------------------------
+
+    cdef Py_ssize_t _entry(self, uint8_t *out, const fuse_in_header *h, uint64_t nodeid,
+                           const stat *st, Py_ssize_t extra) noexcept nogil:
+        """fuse_entry_out for `nodeid`, then `extra` zeroed bytes (CREATE's open_out)."""
+        cdef Py_ssize_t ohdr = sizeof(fuse_out_header)
+        memset(out + ohdr, 0, sizeof(fuse_entry_out) + extra)
+        cdef fuse_entry_out *e = <fuse_entry_out *>(out + ohdr)
+        e.nodeid = nodeid
+        e.entry_valid, e.entry_valid_nsec = self.entry_sec, self.entry_nsec
+        e.attr_valid, e.attr_valid_nsec = self.attr_sec, self.attr_nsec
+        fill_attr_st(&e.attr, st, to_guest(&self.uid, st.st_uid, h.uid),
+                     to_guest(&self.gid, st.st_gid, h.gid))
+        return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_entry_out) + extra)
+
+    cdef inline Py_ssize_t _open_out(self, uint8_t *out, const fuse_in_header *h, uint64_t fh,
+                                     Py_ssize_t at) noexcept nogil:
+        cdef fuse_open_out *o = <fuse_open_out *>(out + at)
+        memset(o, 0, sizeof(fuse_open_out))
+        o.fh = fh
+        o.open_flags = self.open_flags
+        return reply_header(out, h.unique, 0, at + sizeof(fuse_open_out))
+
+    cdef int _flags(self, uint32_t flags) noexcept nogil:
+        """The client's open flags as the host open takes them (pyhv.share.data)."""
+        cdef int f = (<int>flags & ~DROP_FLAGS) | O_CLOEXEC
+        if self.writeback:
+            if f & O_ACCMODE == O_WRONLY:
+                f = (f & ~O_ACCMODE) | O_RDWR
+            f &= ~O_APPEND
+        return f
+
+    # --- the operations -------------------------------------------------------------------
+
+    cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
+                           Py_ssize_t cap) noexcept nogil:
+        """Answer one request into `out`: the reply length, NO_REPLY (-1) for a FORGET, or 0
+        when the request is for the Python handler."""
+        cdef const fuse_in_header *h = <const fuse_in_header *>req
+        cdef Py_ssize_t hdr = sizeof(fuse_in_header), ohdr = sizeof(fuse_out_header)
+        cdef uint32_t op
+        if not self.enabled or n < hdr or h.len != n or cap < 512:
+            return 0
+        op = h.opcode
+        if op == FUSE_READ or op == FUSE_WRITE:
+            return self.files._serve(req, n, out, cap)
+        if op == FUSE_LOOKUP:
+            return self._lookup(h, req, n, out)
+        if op == FUSE_GETATTR:
+            return self._getattr(h, n, out)
+        if op == FUSE_FORGET or op == FUSE_BATCH_FORGET:
+            return self._forget(h, req, n)
+        if op == FUSE_OPEN:
+            return self._open(h, req, n, out)
+        if op == FUSE_CREATE:
+            return self._create(h, req, n, out)
+        if op == FUSE_FLUSH:
+            return self._flush(h, req, n, out)
+        if op == FUSE_RELEASE:
+            return self._release(h, req, n, out)
+        if op == FUSE_UNLINK:
+            return self._unlink(h, req, n, out)
+        return 0
+
+    cdef Py_ssize_t _lookup(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                            uint8_t *out) noexcept nogil:
+        cdef const char *name = _name(req, sizeof(fuse_in_header), n)
+        cdef stat st
+        cdef uint64_t nodeid = 0
+        if name == NULL:
+            return 0
+        cdef int err = self.nodes._lookup(h.nodeid, name, &st, &nodeid, NULL)
+        if err:
+            return reply_header(out, h.unique, err, sizeof(fuse_out_header))
+        return self._entry(out, h, nodeid, &st, 0)
+
+    cdef Py_ssize_t _getattr(self, const fuse_in_header *h, Py_ssize_t n,
+                             uint8_t *out) noexcept nogil:
+        cdef Py_ssize_t ohdr = sizeof(fuse_out_header)
+        cdef stat st
+        cdef int fd = -1, err = 0
+        if n < <Py_ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_getattr_in)):
+            return 0
+        cdef int32_t s = self.nodes._pin(h.nodeid, &fd, &err)
+        if s < 0:
+            return reply_header(out, h.unique, err, ohdr)
+        if fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
+            err = errno
+        self.nodes._unpin(s)
+        if err:
+            return reply_header(out, h.unique, err, ohdr)
+        memset(out + ohdr, 0, sizeof(fuse_attr_out))
+        cdef fuse_attr_out *a = <fuse_attr_out *>(out + ohdr)
+        a.attr_valid, a.attr_valid_nsec = self.attr_sec, self.attr_nsec
+        fill_attr_st(&a.attr, &st, to_guest(&self.uid, st.st_uid, h.uid),
+                     to_guest(&self.gid, st.st_gid, h.gid))
+        return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_attr_out))
+
+    cdef Py_ssize_t _forget(self, const fuse_in_header *h, const uint8_t *req,
+                            Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t hdr = sizeof(fuse_in_header)
+        cdef const fuse_forget_one *one
+        cdef uint32_t count, i
+        if h.opcode == FUSE_FORGET:
+            if n < hdr + <Py_ssize_t>sizeof(fuse_forget_in):
+                return 0
+            if self.nodes._forget(h.nodeid, (<const fuse_forget_in *>(req + hdr)).nlookup,
+                                  0) < 0:
+                return 0
+            return NO_REPLY
+        if n < hdr + 8:
+            return 0
+        count = (<const uint32_t *>(req + hdr))[0]
+        if <uint64_t>count * sizeof(fuse_forget_one) > <uint64_t>(n - hdr - 8):
+            return 0
+        one = <const fuse_forget_one *>(req + hdr + 8)
+        for i in range(count):
+            if self.nodes._pyheld(one[i].nodeid, one[i].nlookup):
+                return 0
+        for i in range(count):
+            self.nodes._forget(one[i].nodeid, one[i].nlookup, 1)
+        return NO_REPLY
+
+    cdef Py_ssize_t _open(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                          uint8_t *out) noexcept nogil:
+        cdef Py_ssize_t hdr = sizeof(fuse_in_header), ohdr = sizeof(fuse_out_header)
+        cdef const fuse_open_in *o = <const fuse_open_in *>(req + hdr)
+        cdef int fd = -1, err = 0, ffd, flags
+        cdef char path[40]
+        cdef stat st
+        if n < hdr + <Py_ssize_t>sizeof(fuse_open_in):
+            return 0
+        flags = self._flags(o.flags)
+        if o.open_flags & FUSE_OPEN_KILL_SUIDGID and o.flags & O_TRUNC:
+            return 0
+        if self.readonly and ((<int>o.flags & O_ACCMODE) != O_RDONLY or o.flags & O_TRUNC):
+            return 0
+        cdef int32_t s = self.nodes._pin(h.nodeid, &fd, &err)
+        if s < 0:
+            return reply_header(out, h.unique, err, ohdr)
+        cdef uint32_t kind = self.nodes.nodes[s].mode
+        if kind == S_IFDIR or kind == S_IFLNK:
+            self.nodes._unpin(s)
+            return reply_header(out, h.unique, EISDIR if kind == S_IFDIR else ELOOP, ohdr)
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd)
+        ffd = c_open(path, flags, 0o777)
+        if ffd < 0:
+            err = errno
+            self.nodes._unpin(s)
+            return reply_header(out, h.unique, err, ohdr)
+        if o.flags & O_TRUNC and self.watching and fstatat(ffd, "", &st, AT_EMPTY_PATH) == 0:
+            self.nodes._set_stamp(s, &st)
+        cdef uint64_t fh = self.files._add(ffd, s)      # the request's pin is now the file's
+        if fh == 0:
+            self.nodes._unpin(s)
+            return 0
+        return self._open_out(out, h, fh, ohdr)
+
+    cdef Py_ssize_t _create(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                            uint8_t *out) noexcept nogil:
+        cdef Py_ssize_t hdr = sizeof(fuse_in_header), ohdr = sizeof(fuse_out_header)
+        cdef const fuse_create_in *c = <const fuse_create_in *>(req + hdr)
+        cdef const char *name
+        cdef uint32_t hu = UNCHANGED, hg = UNCHANGED
+        cdef int pfd = -1, err = 0, ffd, opath, flags
+        cdef int32_t ps, s = -1
+        cdef char path[40]
+        cdef stat st, pst
+        cdef bint new
+        if self.readonly or n < hdr + <Py_ssize_t>sizeof(fuse_create_in):
+            return 0
+        name = _name(req, hdr + sizeof(fuse_create_in), n)
+        if name == NULL:
+            return 0
+        if self.chown_created and not (to_host(&self.uid, h.uid, &hu)
+                                       and to_host(&self.gid, h.gid, &hg)):
+            return 0
+        flags = self._flags(c.flags) | O_CREAT | (<int>c.flags & O_EXCL)
+        ps = self.nodes._pin(h.nodeid, &pfd, &err)
+        if ps < 0:
+            return reply_header(out, h.unique, err, ohdr)
+        self._expect_name(h.nodeid, name)
+        ffd = <int>_open_beneath(pfd, name, flags, c.mode & 0o7777, &err)
+        if ffd < 0:
+            self.nodes._unpin(ps)
+            return reply_header(out, h.unique, err, ohdr)
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", ffd)
+        opath = c_open(path, O_PATH | O_CLOEXEC)
+        if opath < 0:
+            err = errno
+        elif self.chown_created and not ((hu == 0 or hu == UNCHANGED)
+                                         and (hg == 0 or hg == UNCHANGED)):
+            # a root server creates as root: hand the new inode to the caller's ids
+            if fstatat(pfd, "", &pst, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
+                err = errno
+            else:
+                if pst.st_mode & S_ISGID:
+                    hg = UNCHANGED              # setgid directory: its group wins
+                if fchownat(opath, "", hu, hg, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
+                    err = errno
+                elif c.mode & 0o6000 and ((c.mode & S_IFMT) == S_IFREG or (c.mode & S_IFMT) == 0):
+                    snprintf(path, sizeof(path), "/proc/self/fd/%d", opath)
+                    if fchmodat(AT_FDCWD, path, c.mode & 0o7777, 0) < 0:    # chown cleared
+                        err = errno
+        if not err and fstatat(opath, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
+            err = errno
+        self.nodes._unpin(ps)
+        if err:
+            if opath >= 0:
+                close(opath)
+            close(ffd)
+            return reply_header(out, h.unique, err, ohdr)
+        cdef uint64_t nodeid = self.nodes._adopt(opath, &st, &err, &new, &s)
+        if nodeid == 0:
+            close(ffd)
+            return reply_header(out, h.unique, err, ohdr)
+        if self.watching:
+            self.nodes._set_stamp(s, &st)
+        cdef uint64_t fh = self.files._add(ffd, s)      # adopt's pin is now the file's
+        if fh == 0:
+            self.nodes._unpin(s)
+            return reply_header(out, h.unique, 12, ohdr)     # ENOMEM
+        self._entry(out, h, nodeid, &st, sizeof(fuse_open_out))
+        return self._open_out(out, h, fh, ohdr + sizeof(fuse_entry_out))
+
+    cdef Py_ssize_t _flush(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                           uint8_t *out) noexcept nogil:
+        if n < <Py_ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_flush_in)):
+            return 0
+        cdef int32_t s = self.files._node_of((<const fuse_flush_in *>(
+            req + sizeof(fuse_in_header))).fh)
+        if s < 0 or self.nodes.nodes[s].pyheld:     # POSIX locks to drop: Python's
+            return 0
+        return reply_header(out, h.unique, 0, sizeof(fuse_out_header))
+
+    cdef Py_ssize_t _release(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                             uint8_t *out) noexcept nogil:
+        cdef const fuse_release_in *r = <const fuse_release_in *>(req + sizeof(fuse_in_header))
+        cdef stat st
+        cdef bint written = 0
+        cdef int32_t s
+        if n < <Py_ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_release_in)):
+            return 0
+        s = self.files._node_of(r.fh)
+        if s < 0 or self.nodes.nodes[s].pyheld:
+            return 0
+        st.st_size = -1
+        if not self.files._remove(r.fh, &st if self.watching else NULL, &written, &s):
+            return 0
+        if written and self.watching and st.st_size >= 0:
+            self.nodes._set_stamp(s, &st)
+        self.nodes._unpin(s)          # the file's hold on its inode
+        return reply_header(out, h.unique, 0, sizeof(fuse_out_header))
+
+    cdef Py_ssize_t _unlink(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
+                            uint8_t *out) noexcept nogil:
+        cdef const char *name = _name(req, sizeof(fuse_in_header), n)
+        cdef int pfd = -1, err = 0
+        if self.readonly or name == NULL:
+            return 0
+        cdef int32_t ps = self.nodes._pin(h.nodeid, &pfd, &err)
+        if ps < 0:
+            return reply_header(out, h.unique, err, sizeof(fuse_out_header))
+        self._expect_name(h.nodeid, name)
+        if unlinkat(pfd, name, 0) < 0:
+            err = errno
+        self.nodes._unpin(ps)
+        return reply_header(out, h.unique, err, sizeof(fuse_out_header))
+
+    # --- entry points -----------------------------------------------------------------------
+
+    def serve(self, req, out) -> int:
+        """Answer a request into `out`: the reply length, -1 when it has no reply (FORGET),
+        0 when it is for the Python handler."""
+        cdef const uint8_t[::1] rq = req
+        cdef uint8_t[::1] o = out
+        cdef Py_ssize_t n
+        if rq.shape[0] == 0 or o.shape[0] == 0:
+            return 0
+        cdef const uint8_t *rp = &rq[0]
+        cdef uint8_t *op = &o[0]
+        with nogil:
+            n = self._serve(rp, rq.shape[0], op, o.shape[0])
+        return n
+
+    def serve_dev(self, int devfd, buf, out) -> int:
+        """Read requests from a /dev/fuse descriptor into `buf`, answering what this path
+        answers without the GIL, until one is for the Python handler: returns its length (it
+        is in `buf`), 0 at end of file, or -errno when the read fails (EINTR, EAGAIN, ENOENT:
+        retried)."""
+        cdef uint8_t[::1] b = buf
+        cdef uint8_t[::1] o = out
+        cdef ssize_t n = 0
+        cdef Py_ssize_t m
+        if b.shape[0] == 0 or o.shape[0] == 0:
+            raise ValueError("empty buffer")
+        cdef uint8_t *bp = &b[0]
+        cdef uint8_t *op = &o[0]
+        cdef Py_ssize_t bn = b.shape[0], on = o.shape[0]
+        with nogil:
+            while True:
+                n = read(devfd, bp, bn)
+                if n < 0:
+                    if errno == EINTR or errno == EAGAIN or errno == ENOENT:
+                        continue
+                    n = -errno
+                    break
+                if n == 0:
+                    break
+                m = self._serve(bp, n, op, on)
+                if m == 0:
+                    break
+                if m > 0:
+                    write(devfd, op, m)     # ENOENT: the request was interrupted meanwhile
+        return n
