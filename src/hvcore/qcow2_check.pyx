@@ -258,10 +258,10 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                     s = l2_get(q, i, False)
                     if s < 0:
                         q2_raise(q, -1)
-                    e = be64toh((<uint64_t*>q.l2_buf[s])[j * q.ewords])
+                    e = be64toh((<uint64_t*>q.l2.buf[s])[j * q.ewords])
                     e = (e | COPIED) if want else (e & ~COPIED)
-                    (<uint64_t*>q.l2_buf[s])[j * q.ewords] = htobe64(e)
-                    q.l2_dirty[s] = 1
+                    (<uint64_t*>q.l2.buf[s])[j * q.ewords] = htobe64(e)
+                    q.l2.dirty[s] = 1
                 corruptions -= 1
                 fixed_errors += 1
         if fix and (fixed_leaks or fixed_errors):

@@ -4,6 +4,8 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
+from hvcore.qcow2_cache cimport BlockCache
+
 
 # Only the types: the Q2 struct embeds a mutex and a condition variable (qcow2_io.pyx calls
 # the pthread functions).
@@ -73,17 +75,11 @@ ctypedef struct Q2:
     uint64_t cmask
     uint32_t l2_bits, ewords, sc_bits
     uint64_t csize_shift, csize_mask
-    uint64_t tick
     # L1 table (host byte order) and the L2 cache, indexed by L1 index (qcow2_l2)
     uint64_t *l1
     uint64_t l1_size, l1_offset
     bint l1_dirty, l1_moved
-    int32_t *l1_slot
-    uint8_t **l2_buf
-    int64_t *l2_idx
-    uint64_t *l2_tick
-    uint8_t *l2_dirty
-    int32_t l2_slots
+    BlockCache l2
     # refcount table (host order) and the refcount block cache (qcow2_refcount)
     uint32_t refcount_order
     uint64_t rc_max
@@ -91,12 +87,7 @@ ctypedef struct Q2:
     uint64_t *rt
     uint64_t rt_n, rt_offset
     bint rt_dirty, rt_moved
-    int32_t *rt_slot
-    uint8_t **rb_buf
-    int64_t *rb_idx
-    uint64_t *rb_tick
-    uint8_t *rb_dirty
-    int32_t rb_slots
+    BlockCache rb              # refcount blocks, indexed by refcount table index
     uint64_t free_hint
     uint64_t *frees
     size_t nfrees, cap_frees

@@ -10,6 +10,8 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 from hvcore.includes.endian cimport be64toh, htobe32, htobe64
+from hvcore.qcow2_cache cimport (bc_drop, bc_fill, bc_grow, bc_init, bc_release, bc_slot,
+                                 bc_victim)
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_BITMAP, E_DATA_ALIGN,
                               E_L1_RANGE, E_L2_ALIGN, E_NOMEM, K_COMP, K_DATA, K_UNALLOC,
                               K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_drain,
@@ -20,72 +22,39 @@ from hvcore.qcow2_refcount cimport (add_free, alloc, apply_frees, meta_set,
 
 cdef int l2_init(Q2 *q, uint64_t l2_cache) noexcept nogil:
     """Allocate the L1 table and the L2 cache (the table is read by the caller)."""
-    cdef uint64_t i, n = max(q.l1_size, 1)
+    cdef uint64_t n = max(q.l1_size, 1)
     if l2_cache == 0:
         l2_cache = n << q.cluster_bits      # the whole disk
-    q.l2_slots = <int32_t>max(4, min(l2_cache >> q.cluster_bits, n))
     q.l1 = <uint64_t*>calloc(n, 8)
-    q.l1_slot = <int32_t*>malloc(n * 4)
-    q.l2_buf = <uint8_t**>calloc(q.l2_slots, sizeof(uint8_t*))
-    q.l2_idx = <int64_t*>malloc(q.l2_slots * 8)
-    q.l2_tick = <uint64_t*>calloc(q.l2_slots, 8)
-    q.l2_dirty = <uint8_t*>calloc(q.l2_slots, 1)
-    if not (q.l1 and q.l1_slot and q.l2_buf and q.l2_idx and q.l2_tick and q.l2_dirty):
+    if q.l1 == NULL:
         return -1
-    for i in range(n):
-        q.l1_slot[i] = -1
-    for i in range(<uint64_t>q.l2_slots):
-        q.l2_idx[i] = -1
-    return 0
+    return bc_init(&q.l2, <int32_t>max(4, min(l2_cache >> q.cluster_bits, n)), n)
 
 
 cdef void l2_release(Q2 *q) noexcept nogil:
-    cdef int32_t i
-    if q.l2_buf:
-        for i in range(q.l2_slots):
-            free(q.l2_buf[i])
+    bc_release(&q.l2)
     free(q.l1)
-    free(q.l1_slot)
-    free(q.l2_buf)
-    free(q.l2_idx)
-    free(q.l2_tick)
-    free(q.l2_dirty)
-    q.l1 = q.l2_tick = NULL
-    q.l1_slot = NULL
-    q.l2_buf = NULL
-    q.l2_idx = NULL
-    q.l2_dirty = NULL
+    q.l1 = NULL
 
 
 # -- L2 cache -------------------------------------------------------------------------------
 
 cdef int write_l2_slot(Q2 *q, int32_t s) noexcept nogil:
-    cdef uint64_t off = q.l1[q.l2_idx[s]] & OFF_MASK
-    if pwrite_all(q, q.l2_buf[s], q.cluster_size, off) < 0:
+    cdef uint64_t off = q.l1[q.l2.idx[s]] & OFF_MASK
+    if pwrite_all(q, q.l2.buf[s], q.cluster_size, off) < 0:
         return -1
-    q.l2_dirty[s] = 0
+    q.l2.dirty[s] = 0
     return 0
 
 
 cdef int32_t l2_victim(Q2 *q) noexcept nogil:
-    cdef int32_t s, best = 0
-    for s in range(q.l2_slots):
-        if q.l2_idx[s] < 0:
-            best = s
-            break
-        if q.l2_tick[s] < q.l2_tick[best]:
-            best = s
-    if q.l2_idx[best] >= 0:
-        if q.l2_dirty[best]:
-            # what this table references must be on disk before the table
-            if write_refcounts(q, True) < 0 or write_l2_slot(q, best) < 0:
-                return -1
-        q.l1_slot[q.l2_idx[best]] = -1
-        q.l2_idx[best] = -1
-    if q.l2_buf[best] == NULL:
-        q.l2_buf[best] = <uint8_t*>malloc(q.cluster_size)
-        if q.l2_buf[best] == NULL:
-            return q2_fail(q, E_NOMEM, 0, 0)
+    cdef int32_t best = bc_victim(&q.l2)
+    if q.l2.idx[best] >= 0 and q.l2.dirty[best]:
+        # what this table references must be on disk before the table
+        if write_refcounts(q, True) < 0 or write_l2_slot(q, best) < 0:
+            return -1
+    if bc_drop(&q.l2, best, q.cluster_size) < 0:
+        return q2_fail(q, E_NOMEM, 0, 0)
     return best
 
 
@@ -95,11 +64,9 @@ cdef int32_t l2_get(Q2 *q, uint64_t l1i, bint write) noexcept nogil:
     with a snapshot) so the caller may change it."""
     cdef uint64_t e = q.l1[l1i]
     cdef uint64_t off = e & OFF_MASK
-    cdef int32_t s = q.l1_slot[l1i]
+    cdef int32_t s = bc_slot(&q.l2, l1i)
     cdef int64_t new
     if s >= 0:
-        q.tick += 1
-        q.l2_tick[s] = q.tick
         if not write or (e & COPIED):
             return s
     else:
@@ -111,15 +78,11 @@ cdef int32_t l2_get(Q2 *q, uint64_t l1i, bint write) noexcept nogil:
         if s < 0:
             return -1
         if off:
-            if pread_exact(q, q.l2_buf[s], q.cluster_size, off) < 0:
+            if pread_exact(q, q.l2.buf[s], q.cluster_size, off) < 0:
                 return -1
         else:
-            memset(q.l2_buf[s], 0, q.cluster_size)
-        q.l1_slot[l1i] = s
-        q.l2_idx[s] = l1i
-        q.l2_dirty[s] = 0
-        q.tick += 1
-        q.l2_tick[s] = q.tick
+            memset(q.l2.buf[s], 0, q.cluster_size)
+        bc_fill(&q.l2, s, l1i, False)
         if not write or (off and (e & COPIED)):
             return s
     new = alloc(q, 1)
@@ -131,20 +94,20 @@ cdef int32_t l2_get(Q2 *q, uint64_t l1i, bint write) noexcept nogil:
         add_free(q, off >> q.cluster_bits)     # the snapshot keeps the old copy
     q.l1[l1i] = <uint64_t>new | COPIED
     q.l1_dirty = True
-    q.l2_dirty[s] = 1
+    q.l2.dirty[s] = 1
     return s
 
 
 cdef uint64_t l2_entry(Q2 *q, int32_t s, uint64_t l2i) noexcept nogil:
     """L2 entry `l2i` of cache slot `s`, host order."""
-    return be64toh((<uint64_t*>q.l2_buf[s])[l2i * q.ewords])
+    return be64toh((<uint64_t*>q.l2.buf[s])[l2i * q.ewords])
 
 
 cdef uint64_t l2_bitmap(Q2 *q, int32_t s, uint64_t l2i) noexcept nogil:
     """Subcluster bitmap of entry `l2i` (0 without extended L2 entries)."""
     if not q.extended:
         return 0
-    return be64toh((<uint64_t*>q.l2_buf[s])[l2i * 2 + 1])
+    return be64toh((<uint64_t*>q.l2.buf[s])[l2i * 2 + 1])
 
 
 cdef int set_entry(Q2 *q, uint64_t gc, uint64_t e, uint64_t bm) noexcept nogil:
@@ -152,10 +115,10 @@ cdef int set_entry(Q2 *q, uint64_t gc, uint64_t e, uint64_t bm) noexcept nogil:
     cdef uint64_t l2i = gc & ((1ULL << q.l2_bits) - 1)
     if s < 0:
         return -1
-    (<uint64_t*>q.l2_buf[s])[l2i * q.ewords] = htobe64(e)
+    (<uint64_t*>q.l2.buf[s])[l2i * q.ewords] = htobe64(e)
     if q.extended:
-        (<uint64_t*>q.l2_buf[s])[l2i * 2 + 1] = htobe64(bm)
-    q.l2_dirty[s] = 1
+        (<uint64_t*>q.l2.buf[s])[l2i * 2 + 1] = htobe64(bm)
+    q.l2.dirty[s] = 1
     return 0
 
 
@@ -221,28 +184,19 @@ cdef int l1_grow(Q2 *q, uint64_t new_size) noexcept nogil:
     cdef uint64_t n, i, old_off = q.l1_offset, old_n = q.l1_size
     cdef int64_t new
     cdef uint64_t *nl1
-    cdef int32_t *nslot
     n = (new_size * 8 + q.cmask) >> q.cluster_bits
     nl1 = <uint64_t*>calloc(new_size, 8)
-    nslot = <int32_t*>malloc(new_size * 4)
-    if nl1 == NULL or nslot == NULL:
+    if nl1 == NULL or bc_grow(&q.l2, new_size) < 0:
         free(nl1)
-        free(nslot)
         return q2_fail(q, E_NOMEM, 0, 0)
     memcpy(nl1, q.l1, q.l1_size * 8)
-    memcpy(nslot, q.l1_slot, q.l1_size * 4)
-    for i in range(q.l1_size, new_size):
-        nslot[i] = -1
     new = alloc(q, n)
     if new < 0:
         free(nl1)
-        free(nslot)
         return -1
     meta_set(q, <uint64_t>new >> q.cluster_bits, n, True)
     free(q.l1)
-    free(q.l1_slot)
     q.l1 = nl1
-    q.l1_slot = nslot
     q.l1_size = new_size
     q.l1_offset = <uint64_t>new
     q.l1_dirty = q.l1_moved = True
@@ -290,8 +244,8 @@ cdef int do_flush(Q2 *q) noexcept nogil:
         return 0
     if write_refcounts(q, True) < 0 or q2_sync(q) < 0:
         return -1
-    for s in range(q.l2_slots):
-        if q.l2_idx[s] >= 0 and q.l2_dirty[s]:
+    for s in range(q.l2.slots):
+        if q.l2.idx[s] >= 0 and q.l2.dirty[s]:
             if write_l2_slot(q, s) < 0:
                 return -1
             any_l2 = True

@@ -9,6 +9,8 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from hvcore.includes.endian cimport htobe32, htobe64
+from hvcore.qcow2_cache cimport (bc_drop, bc_fill, bc_forget, bc_grow, bc_init, bc_release,
+                                 bc_slot, bc_victim)
 from hvcore.qcow2_io cimport (COMPRESSED, E_FULL, E_NOMEM, E_RB_ALIGN, E_RC_OVERFLOW,
                               E_RC_UNDERFLOW, MAX_HOST, OFF_MASK, RT_MASK, Q2, flush_pw,
                               pread_exact, pwrite_all, q2_fail, q2_sync)
@@ -16,44 +18,22 @@ from hvcore.qcow2_io cimport (COMPRESSED, E_FULL, E_NOMEM, E_RB_ALIGN, E_RC_OVER
 
 cdef int rc_init(Q2 *q, uint64_t rt_clusters, uint64_t rb_cache) noexcept nogil:
     """Allocate the refcount table and block cache (the table is read by the caller)."""
-    cdef uint64_t i
     q.rt_n = (rt_clusters << q.cluster_bits) // 8
     if rb_cache == 0:
         rb_cache = 4 << 20
-    q.rb_slots = <int32_t>max(4, rb_cache >> q.cluster_bits)
     q.rt = <uint64_t*>calloc(q.rt_n, 8)
-    q.rt_slot = <int32_t*>malloc(q.rt_n * 4)
-    q.rb_buf = <uint8_t**>calloc(q.rb_slots, sizeof(uint8_t*))
-    q.rb_idx = <int64_t*>malloc(q.rb_slots * 8)
-    q.rb_tick = <uint64_t*>calloc(q.rb_slots, 8)
-    q.rb_dirty = <uint8_t*>calloc(q.rb_slots, 1)
-    if not (q.rt and q.rt_slot and q.rb_buf and q.rb_idx and q.rb_tick and q.rb_dirty):
+    if q.rt == NULL:
         return -1
-    for i in range(q.rt_n):
-        q.rt_slot[i] = -1
-    for i in range(<uint64_t>q.rb_slots):
-        q.rb_idx[i] = -1
-    return 0
+    return bc_init(&q.rb, <int32_t>max(4, rb_cache >> q.cluster_bits), q.rt_n)
 
 
 cdef void rc_release(Q2 *q) noexcept nogil:
-    cdef int32_t i
-    if q.rb_buf:
-        for i in range(q.rb_slots):
-            free(q.rb_buf[i])
+    bc_release(&q.rb)
     free(q.rt)
-    free(q.rt_slot)
-    free(q.rb_buf)
-    free(q.rb_idx)
-    free(q.rb_tick)
-    free(q.rb_dirty)
     free(q.meta)
     free(q.frees)
-    q.rt = q.rb_tick = q.frees = NULL
-    q.rt_slot = NULL
-    q.rb_buf = NULL
-    q.rb_idx = NULL
-    q.rb_dirty = q.meta = NULL
+    q.rt = q.frees = NULL
+    q.meta = NULL
 
 
 # -- metadata map ---------------------------------------------------------------------------
@@ -84,29 +64,18 @@ cdef int meta_set(Q2 *q, uint64_t c, uint64_t n, bint on) noexcept nogil:
 # -- refcount block cache -------------------------------------------------------------------
 
 cdef int write_rb_slot(Q2 *q, int32_t s) noexcept nogil:
-    if pwrite_all(q, q.rb_buf[s], q.cluster_size, q.rt[q.rb_idx[s]] & RT_MASK) < 0:
+    if pwrite_all(q, q.rb.buf[s], q.cluster_size, q.rt[q.rb.idx[s]] & RT_MASK) < 0:
         return -1
-    q.rb_dirty[s] = 0
+    q.rb.dirty[s] = 0
     return 0
 
 
 cdef int32_t rb_victim(Q2 *q) noexcept nogil:
-    cdef int32_t s, best = 0
-    for s in range(q.rb_slots):
-        if q.rb_idx[s] < 0:
-            best = s
-            break
-        if q.rb_tick[s] < q.rb_tick[best]:
-            best = s
-    if q.rb_idx[best] >= 0:
-        if q.rb_dirty[best] and write_rb_slot(q, best) < 0:
-            return -1
-        q.rt_slot[q.rb_idx[best]] = -1
-        q.rb_idx[best] = -1
-    if q.rb_buf[best] == NULL:
-        q.rb_buf[best] = <uint8_t*>malloc(q.cluster_size)
-        if q.rb_buf[best] == NULL:
-            return q2_fail(q, E_NOMEM, 0, 0)
+    cdef int32_t best = bc_victim(&q.rb)
+    if q.rb.idx[best] >= 0 and q.rb.dirty[best] and write_rb_slot(q, best) < 0:
+        return -1
+    if bc_drop(&q.rb, best, q.cluster_size) < 0:
+        return q2_fail(q, E_NOMEM, 0, 0)
     return best
 
 
@@ -120,10 +89,8 @@ cdef int32_t rb_get(Q2 *q, uint64_t rti, bint create) noexcept nogil:
             return -2
         if grow_rt(q, rti) < 0:
             return -1
-    s = q.rt_slot[rti]
+    s = bc_slot(&q.rb, rti)
     if s >= 0:
-        q.tick += 1
-        q.rb_tick[s] = q.tick
         return s
     off = q.rt[rti] & RT_MASK
     if off == 0:
@@ -135,12 +102,9 @@ cdef int32_t rb_get(Q2 *q, uint64_t rti, bint create) noexcept nogil:
     s = rb_victim(q)
     if s < 0:
         return -1
-    if pread_exact(q, q.rb_buf[s], q.cluster_size, off) < 0:
+    if pread_exact(q, q.rb.buf[s], q.cluster_size, off) < 0:
         return -1
-    q.rt_slot[rti] = s
-    q.rb_idx[s] = rti
-    q.tick += 1
-    q.rb_tick[s] = q.tick
+    bc_fill(&q.rb, s, rti, False)
     return s
 
 
@@ -150,15 +114,15 @@ cdef int64_t rc_get(Q2 *q, uint64_t c) noexcept nogil:
         return 0
     if s < 0:
         return -1
-    return <int64_t>rc_read(q.rb_buf[s], q.refcount_order, c & ((1ULL << q.rb_bits) - 1))
+    return <int64_t>rc_read(q.rb.buf[s], q.refcount_order, c & ((1ULL << q.rb_bits) - 1))
 
 
 cdef int rc_set(Q2 *q, uint64_t c, uint64_t v) noexcept nogil:
     cdef int32_t s = rb_get(q, c >> q.rb_bits, True)
     if s < 0:
         return -1
-    rc_write(q.rb_buf[s], q.refcount_order, c & ((1ULL << q.rb_bits) - 1), v)
-    q.rb_dirty[s] = 1
+    rc_write(q.rb.buf[s], q.refcount_order, c & ((1ULL << q.rb_bits) - 1), v)
+    q.rb.dirty[s] = 1
     return 0
 
 
@@ -261,21 +225,19 @@ cdef int32_t new_refblock(Q2 *q, uint64_t rti) noexcept nogil:
     s = rb_victim(q)
     if s < 0:
         return -1
-    memset(q.rb_buf[s], 0, q.cluster_size)
+    memset(q.rb.buf[s], 0, q.cluster_size)
     q.rt[rti] = c << q.cluster_bits
     q.rt_dirty = True
-    q.rt_slot[rti] = s
-    q.rb_idx[s] = rti
-    q.rb_dirty[s] = 1
+    bc_fill(&q.rb, s, rti, True)
     if meta_set(q, c, 1, True) < 0:
         return -1
     if inside:
-        rc_write(q.rb_buf[s], q.refcount_order, c - lo, 1)
+        rc_write(q.rb.buf[s], q.refcount_order, c - lo, 1)
     else:
         if push_ex(q, c, c + 1) < 0 or rc_set(q, c, 1) < 0:
             return -1
         q.nex -= 1
-        s = q.rt_slot[rti]
+        s = q.rb.slot_of[rti]
     return s
 
 
@@ -284,7 +246,6 @@ cdef int grow_rt(Q2 *q, uint64_t need) noexcept nogil:
     cdef uint64_t per = q.cluster_size // 8
     cdef uint64_t t, T, n, c, i, old_off = q.rt_offset, old_n = q.rt_n
     cdef uint64_t *nrt
-    cdef int32_t *nslot
     cdef int k
     t = max(q.rt_n << q.rb_bits, (q.file_end + q.cmask) >> q.cluster_bits)
     for k in range(q.nex):
@@ -297,19 +258,12 @@ cdef int grow_rt(Q2 *q, uint64_t need) noexcept nogil:
         n = ((t + T + 2) >> q.rb_bits) + 1
     n = T * per
     nrt = <uint64_t*>calloc(n, 8)
-    nslot = <int32_t*>malloc(n * 4)
-    if nrt == NULL or nslot == NULL:
+    if nrt == NULL or bc_grow(&q.rb, n) < 0:
         free(nrt)
-        free(nslot)
         return q2_fail(q, E_NOMEM, 0, 0)
     memcpy(nrt, q.rt, q.rt_n * 8)
-    memcpy(nslot, q.rt_slot, q.rt_n * 4)
-    for i in range(q.rt_n, n):
-        nslot[i] = -1
     free(q.rt)
-    free(q.rt_slot)
     q.rt = nrt
-    q.rt_slot = nslot
     q.rt_n = n
     q.rt_offset = t << q.cluster_bits
     q.rt_dirty = q.rt_moved = True
@@ -398,8 +352,8 @@ cdef int write_refcounts(Q2 *q, bint barrier) noexcept nogil:
     if barrier:
         if flush_pw(q) < 0 or q2_sync(q) < 0:
             return -1
-    for s in range(q.rb_slots):
-        if q.rb_idx[s] >= 0 and q.rb_dirty[s] and write_rb_slot(q, s) < 0:
+    for s in range(q.rb.slots):
+        if q.rb.idx[s] >= 0 and q.rb.dirty[s] and write_rb_slot(q, s) < 0:
             return -1
     if q.rt_dirty:
         tmp = <uint64_t*>malloc(q.rt_n * 8)
@@ -436,10 +390,8 @@ cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept no
     cdef uint8_t *blocks
     cdef uint64_t *table
     cdef uint64_t *rt_host
-    cdef int32_t *slots
     cdef uint64_t be_off
     cdef uint32_t be_n
-    cdef int32_t s
     while True:
         nb2 = (nb + nblk + ntc + per - 1) // per
         nt2 = max(1, (nb2 * 8 + q.cmask) >> q.cluster_bits)
@@ -452,12 +404,10 @@ cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept no
     blocks = <uint8_t*>calloc(nblk, q.cluster_size)
     table = <uint64_t*>calloc(rt_n, 8)
     rt_host = <uint64_t*>calloc(rt_n, 8)
-    slots = <int32_t*>malloc(rt_n * 4)
-    if blocks == NULL or table == NULL or rt_host == NULL or slots == NULL:
+    if blocks == NULL or table == NULL or rt_host == NULL or bc_grow(&q.rb, rt_n) < 0:
         free(blocks)
         free(table)
         free(rt_host)
-        free(slots)
         return q2_fail(q, E_NOMEM, 0, 0)
     for c in range(nb + nblk + ntc):
         v = 1 if c >= nb else min(<uint64_t>refs[c], q.rc_max)
@@ -465,7 +415,6 @@ cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept no
             rc_write(blocks + (c >> q.rb_bits) * q.cluster_size, q.refcount_order,
                      c & (per - 1), v)
     for i in range(rt_n):
-        slots[i] = -1
         if i < nblk:
             rt_host[i] = (nb + i) << q.cluster_bits
             table[i] = htobe64(rt_host[i])
@@ -478,19 +427,14 @@ cdef int rebuild_refcounts(Q2 *q, const uint32_t *refs, uint64_t nb) noexcept no
         free(blocks)
         free(table)
         free(rt_host)
-        free(slots)
         return -1
     free(blocks)
     free(table)
     free(q.rt)
-    free(q.rt_slot)
     q.rt = rt_host
-    q.rt_slot = slots
     q.rt_n = rt_n
     q.rt_offset = (nb + nblk) << q.cluster_bits
     q.rt_dirty = q.rt_moved = False
-    for s in range(q.rb_slots):         # cached blocks describe the old structure
-        q.rb_idx[s] = -1
-        q.rb_dirty[s] = 0
+    bc_forget(&q.rb)                    # cached blocks describe the old structure
     q.free_hint = 0
     return meta_set(q, nb, nblk + ntc, True)

@@ -29,7 +29,7 @@ class Qcow2Disk:
     format = "qcow2"
 
     def __init__(self, path: str, readonly: bool = False, l2_cache_size: int = 0,
-                 open_backing=None, repair: bool = False):
+                 open_backing=None, repair: bool = False, rb_cache_size: int = 0):
         self.path = path
         self.backing = None
         self.core = None
@@ -39,12 +39,13 @@ class Qcow2Disk:
         except OSError as e:
             raise DiskError(f"Could not open '{path}': {e.strerror}") from None
         try:
-            self._open(readonly, l2_cache_size, open_backing, repair)
+            self._open(readonly, l2_cache_size, open_backing, repair, rb_cache_size)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, readonly: bool, l2_cache_size: int, open_backing, repair: bool) -> None:
+    def _open(self, readonly: bool, l2_cache_size: int, open_backing, repair: bool,
+              rb_cache_size: int) -> None:
         file_size = os.fstat(self.fd).st_size
         self.header = h = hdr.parse(os.pread(self.fd, HEADER_READ, 0), file_size)
         if h.incompatible & hdr.INCOMPAT_CORRUPT and not readonly:
@@ -60,7 +61,8 @@ class Qcow2Disk:
                 l1_offset=h.l1_table_offset, l1_size=h.l1_size,
                 rt_offset=h.refcount_table_offset, rt_clusters=h.refcount_table_clusters,
                 refcount_order=h.refcount_order, extended=bool(h.incompatible & hdr.INCOMPAT_EXTL2),
-                v3=h.version >= 3, readonly=readonly, file_end=file_size, l2_cache=l2_cache_size)
+                v3=h.version >= 3, readonly=readonly, file_end=file_size, l2_cache=l2_cache_size,
+                rb_cache=rb_cache_size)
         except Qcow2Error as e:
             raise DiskError(f"{self.path}: {e}") from None
         core.decompress = decompressor(hdr.COMPRESSION[h.compression_type])
