@@ -5,13 +5,15 @@ with traffic counters."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from dataclasses import dataclass, field
 
 from pyhv.errors import PyhvError
 from pyhv.net.config import Forward
-from pyhv.net.tcp import HostSide
 
 UDP_IDLE = 60.0
+ACCEPT_BACKOFF = 1.0        # out of fds: accepting pauses this long (as asyncio's servers)
 
 
 @dataclass
@@ -29,21 +31,50 @@ class _Active:
         return c
 
 
-class _ForwardSide(HostSide):
-    """An accepted host connection: opens its flow to the guest on connection_made."""
+class _TcpListener:
+    """A listening host socket: each accepted connection becomes a flow to the guest
+    (its socket goes to the flow as it is, no asyncio transport)."""
 
-    def __init__(self, forwards: Forwards, active: _Active):
-        super().__init__()
-        self.forwards, self.active = forwards, active
+    def __init__(self, forwards: Forwards, active: _Active, loop):
+        self.forwards, self.active, self.loop = forwards, active, loop
+        fwd = active.forward
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((fwd.host_ip, fwd.host_port))
+            self.sock.listen(1024)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.retry = None
+        loop.add_reader(self.sock.fileno(), self._accept)
 
-    def connection_made(self, transport) -> None:
-        c = self.active.counters
-        c["connections"] += 1
-        c["active"] += 1
-        stack = self.forwards.stack
-        self.conn = stack.tcp.open_inbound(transport, stack.cfg.guest,
-                                           self.active.forward.guest_port, self._closed)
-        self.active.live.add(self.conn)
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.forwards.stack.counters["tcp forward accept failed"] += 1
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.retry = self.loop.call_later(ACCEPT_BACKOFF, self._resume)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c = self.active.counters
+            c["connections"] += 1
+            c["active"] += 1
+            stack = self.forwards.stack
+            conn = stack.tcp.open_inbound(sock, stack.cfg.guest,
+                                          self.active.forward.guest_port, self._closed)
+            self.active.live.add(conn)
+
+    def _resume(self) -> None:
+        self.retry = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _closed(self, conn) -> None:
         self.active.live.discard(conn)
@@ -51,6 +82,13 @@ class _ForwardSide(HostSide):
         c["active"] -= 1
         c["bytes_in"] += conn.bytes_to_guest
         c["bytes_out"] += conn.bytes_to_host
+
+    def close(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class _UdpForward(asyncio.DatagramProtocol):
@@ -102,9 +140,7 @@ class Forwards:
         active = _Active(fwd, None)
         try:
             if fwd.proto == "tcp":
-                active.server = await loop.create_server(lambda: _ForwardSide(self, active),
-                                                         fwd.host_ip, fwd.host_port,
-                                                         reuse_address=True)
+                active.server = _TcpListener(self, active, loop)
             else:
                 _, active.server = await loop.create_datagram_endpoint(
                     lambda: _UdpForward(self, active), local_addr=(fwd.host_ip, fwd.host_port))

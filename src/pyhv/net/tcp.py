@@ -1,23 +1,25 @@
 """One TCP flow between the guest and a host socket: the state machine (RFC 9293) on the
-guest side, plain asyncio transport calls on the host side.
+guest side, a `HostSocket` (plain non-blocking socket calls) on the host side.
 
 pyhv plays the guest's peer. Sequence numbers are kept unwrapped (Python ints); the wire
 carries them mod 2**32. Flow control is tied to the host socket: the window offered to the
-guest is `tcp_rcv_buffer` minus what the host socket has not taken yet (its transport
-write buffer) and out-of-order data held; data from the host is read straight into `sbuf`
-(a BufferedProtocol) and waits there until the guest acknowledges it; the host socket
-stops being read while `tcp_snd_buffer` bytes wait. So no queue grows without bound.
-Segment building and reassembly are in `hvcore.netpkt`.
+guest is `tcp_rcv_buffer` minus what the host socket has not taken yet (its write backlog)
+and out-of-order data held; data from the host is read straight into `sbuf` and waits
+there until the guest acknowledges it; the host socket stops being read while
+`tcp_snd_buffer` bytes wait. So no queue grows without bound. A new flow allocates no
+buffer until the host sends: its first read lands in a buffer shared by all flows and is
+copied out at its own size. Segment building and reassembly are in `hvcore.netpkt`.
+
+RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its sequence
+number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-import socket
-import struct
 
 from hvcore.netpkt import ACK, FIN, PSH, RST, SYN, Reassembly
+from pyhv.net.hostsock import HostSocket
 
 M32 = 0xFFFFFFFF
 (CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, FIN_WAIT_2, CLOSING,
@@ -28,7 +30,6 @@ WSCALE = 7                      # our window scale: windows up to 8 MiB
 MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
 MAX_RETRIES = 8
 READ_CHUNK = 256 << 10          # largest host read
-FIRST_READ = 16 << 10           # a new flow's buffer (short connections stay cheap)
 MIN_ROOM = 16 << 10             # grow (doubling) or compact when less room is left
 
 
@@ -36,37 +37,6 @@ def unwrap(value: int, ref: int) -> int:
     """The unwrapped sequence number nearest `ref` whose low 32 bits are `value`."""
     d = (value - ref) & M32
     return ref + d - (1 << 32) if d >= 1 << 31 else ref + d
-
-
-class HostSide(asyncio.BufferedProtocol):
-    """The host socket of one flow: reads land in the flow's send buffer; other events go
-    to the TcpConn."""
-
-    def __init__(self, conn: TcpConn | None = None):
-        self.conn = conn
-
-    def connection_made(self, transport) -> None:
-        self.conn.host_connected(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.host_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.conn.host_data(nbytes)
-
-    def eof_received(self) -> bool:
-        self.conn.host_eof()
-        return True                 # keep the socket open for our half: half-close
-
-    def connection_lost(self, exc) -> None:
-        self.conn.host_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.conn.host_blocked = True
-
-    def resume_writing(self) -> None:
-        self.conn.host_blocked = False
-        self.conn.window_update()
 
 
 class TcpConn:
@@ -88,13 +58,16 @@ class TcpConn:
         self.fin_queued = False
         self.fin_seq: int | None = None
         self.irs = self.rcv_nxt = self.rcv_adv = 0
+        self.rcv_fin: int | None = None     # the guest's FIN, seen ahead of a gap
         self.reasm: Reassembly | None = None
         self.mss = 536
-        self.transport: asyncio.Transport | None = None
-        self.host_paused = self.host_blocked = False
+        self.host: HostSocket | None = None
+        self.host_paused = self.into_scratch = False
+        self.connect_dest: tuple[int, int] | None = None    # while the host connect runs
+        self.connect_timer = None
         self.rto = INIT_RTO
         self.rto_deadline: float | None = None
-        self.rto_handle: asyncio.TimerHandle | None = None
+        self.rto_handle = None
         self.retries = self.dupacks = 0
         self.rtt_seq: int | None = None
         self.rtt_time = 0.0
@@ -110,7 +83,7 @@ class TcpConn:
     # ---- frames to the guest
 
     def _wnd(self) -> int:
-        buffered = self.transport.get_write_buffer_size() if self.transport else 0
+        buffered = len(self.host.wbuf) if self.host is not None else 0
         held = self.reasm.pending if self.reasm is not None else 0
         return max(0, self.rcv_cap - buffered - held)
 
@@ -291,12 +264,15 @@ class TcpConn:
             return
         if flags & RST:
             seq = unwrap(pkt.seq, self.rcv_nxt)
-            if state in (CONNECTING, SYN_RCVD) or self.rcv_nxt <= seq <= max(self.rcv_adv,
-                                                                            self.rcv_nxt):
+            if seq == self.rcv_nxt:
                 self.stack.counters["tcp reset by guest"] += 1
                 self._abort_host()
                 self.finish()
-            return
+            elif state != CONNECTING and self.rcv_nxt < seq < max(self.rcv_adv,
+                                                                  self.rcv_nxt + 1):
+                self.stack.counters["tcp challenge acks"] += 1
+                self.ack_now()                 # RFC 5961 3.2: a real peer answers with
+            return                             # a RST at exactly rcv_nxt
         if flags & SYN:
             if state == SYN_RCVD and pkt.seq == self.irs:
                 self.send_synack()
@@ -359,8 +335,8 @@ class TcpConn:
         self.retries = 0
         self.rto_deadline = None
         self.ack_now()
-        if self.transport is not None:
-            self.transport.resume_reading()
+        if self.host is not None:
+            self.host.start_reading()
         self._output()
 
     def _acked(self, ack: int) -> None:
@@ -386,9 +362,9 @@ class TcpConn:
             self.rto = min(MAX_RTO, max(MIN_RTO, self.srtt + 4 * self.rttvar))
             self.rtt_seq = None
         self.rto_deadline = None if ack == self.snd_nxt else now + self.rto
-        if self.host_paused and self.buffered < self.snd_cap // 2 and self.transport:
+        if self.host_paused and self.buffered < self.snd_cap // 2 and self.host is not None:
             self.host_paused = False
-            self.transport.resume_reading()
+            self.host.start_reading()
         if self.fin_seq is not None and ack > self.fin_seq:
             if self.state == FIN_WAIT_1:
                 self.state = FIN_WAIT_2
@@ -403,11 +379,12 @@ class TcpConn:
             return
         seq, n = unwrap(pkt.seq, self.rcv_nxt), pkt.payload_len
         end = seq + n
+        fin = pkt.flags & FIN
         counters = self.stack.counters
         if n:
             reasm = self.reasm
             if seq <= self.rcv_nxt and (reasm is None or not reasm.pending):
-                if end < self.rcv_nxt or end == self.rcv_nxt and not pkt.flags & FIN:
+                if end < self.rcv_nxt or end == self.rcv_nxt and not fin:
                     counters["tcp duplicate segments"] += 1    # (old data with a FIN at
                     self.ack_now()                             # rcv_nxt: the FIN is new)
                     return
@@ -432,15 +409,25 @@ class TcpConn:
                 counters["tcp out-of-order segments"] += 1
                 if ready < 0:
                     counters["tcp dropped: too many holes"] += 1
-                elif ready:
-                    self._to_host(reasm.take())
-                    self.rcv_nxt = reasm.base
+                    fin = 0
+                else:
+                    if fin and end <= self.rcv_nxt + self.rcv_cap:
+                        self.rcv_fin = end             # taken when the gap before it fills
+                    if ready:
+                        self._to_host(reasm.take())
+                        self.rcv_nxt = reasm.base
                 self.ack_now()                 # duplicate ACK: tells the guest what is missing
             self.stack.ack_pending.add(self)
-        if pkt.flags & FIN and end == self.rcv_nxt:
+        elif fin and self.rcv_nxt < seq < self.rcv_nxt + self.rcv_cap:
+            self.rcv_fin = seq                 # a bare FIN ahead of a gap
+            counters["tcp out-of-order segments"] += 1
+            self.ack_now()
+            return
+        if fin and end == self.rcv_nxt or self.rcv_fin == self.rcv_nxt:
+            self.rcv_fin = None
             self.rcv_nxt += 1
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write_eof()
+            if self.host is not None:
+                self.host.write_eof()
             if self.state == ESTABLISHED:
                 self.state = CLOSE_WAIT
             elif self.state == FIN_WAIT_1:
@@ -450,17 +437,19 @@ class TcpConn:
             self.ack_now()
 
     def _to_host(self, data) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.host is None or self.host.closing:
             self.stack.counters["tcp dropped: host socket closed"] += 1
             return
-        self.transport.write(data)
+        self.host.write(data)
         self.bytes_to_host += len(data)
 
     # ---- host socket events
 
-    def host_connected(self, transport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=self.rcv_cap // 2, low=self.rcv_cap // 8)
+    def host_connected(self, sock, reading: bool = True) -> None:
+        """The host socket is connected (a flow opened from the host reads only once the
+        guest has answered its SYN)."""
+        self.host = HostSocket(self.nat.poller, sock, self, self.rcv_cap)
+        self.host.register(reading)
 
     @property
     def buffered(self) -> int:
@@ -469,20 +458,33 @@ class TcpConn:
 
     def host_buffer(self) -> memoryview:
         """Room for the next host read (at most READ_CHUNK, so sbuf holds at most snd_cap
-        plus one read), after the data waiting in sbuf. A new bytearray replaces a full
-        one (never resized: the last view handed out may still exist)."""
+        plus one read), after the data waiting in sbuf; with too little room there, the
+        buffer shared by all flows (host_data then moves the bytes into sbuf). So a flow
+        allocates nothing until its host sends, then a buffer of the size it read, and
+        an EOF read costs no buffer at all."""
         if len(self.sbuf) - self.s_tail < MIN_ROOM:
-            n = self.s_tail - self.s_head
-            size = min(2 * self.snd_cap + READ_CHUNK,
-                       max(FIRST_READ, 2 * len(self.sbuf), n + 4 * MIN_ROOM))
-            if size <= len(self.sbuf):        # at the limit: waiting bytes move to the front
-                self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]   # same length: memmove
-            else:
-                new = bytearray(size)
-                new[:n] = self.sbuf[self.s_head:self.s_tail]
-                self.sbuf = new
-            self.s_head, self.s_tail = 0, n
+            self.into_scratch = True
+            return self.nat.scratch
         return memoryview(self.sbuf)[self.s_tail:self.s_tail + READ_CHUNK]
+
+    def _take_scratch(self, nbytes: int) -> None:
+        """Move `nbytes` read into the shared buffer to the end of sbuf. Small amounts get
+        a bytearray of their size; more get room for further reads (one READ_CHUNK, or
+        double the old size) so the next reads go straight to sbuf; at the size limit the
+        waiting bytes move to the front instead. A new bytearray replaces a full one
+        (never resized: the last view handed out may still exist)."""
+        n = self.s_tail - self.s_head
+        need = n + nbytes
+        size = need if need < MIN_ROOM else max(need, min(
+            2 * self.snd_cap + READ_CHUNK, max(need + READ_CHUNK, 2 * len(self.sbuf))))
+        if size <= len(self.sbuf):
+            self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]       # same length: memmove
+        else:
+            new = bytearray(size)
+            new[:n] = self.sbuf[self.s_head:self.s_tail]
+            self.sbuf = new
+        self.sbuf[n:need] = self.nat.scratch[:nbytes]
+        self.s_head, self.s_tail = 0, need
 
     def release_buffer(self) -> None:
         """Drop an idle flow's empty send buffer (the sweeper calls this)."""
@@ -491,10 +493,14 @@ class TcpConn:
             self.s_head = self.s_tail = 0
 
     def host_data(self, nbytes: int) -> None:
-        self.s_tail += nbytes
-        if self.buffered >= self.snd_cap and not self.host_paused:
+        if self.into_scratch:
+            self.into_scratch = False
+            self._take_scratch(nbytes)
+        else:
+            self.s_tail += nbytes
+        if self.s_tail - self.s_head >= self.snd_cap and not self.host_paused:
             self.host_paused = True
-            self.transport.pause_reading()
+            self.host.stop_reading()
         self._output_soon()
 
     def host_eof(self) -> None:
@@ -502,26 +508,19 @@ class TcpConn:
         self._output_soon()
 
     def host_lost(self, exc) -> None:
-        self.transport = None
+        """The host socket failed (reset, write error): it is closed already."""
+        self.host = None
         if self.state in (CLOSED, TIME_WAIT):
             return
-        if exc is not None:
-            self.stack.counters["tcp reset by host"] += 1
-            self.abort()
-        elif not self.fin_queued:
-            self.host_eof()
+        self.stack.counters["tcp reset by host"] += 1
+        self.abort()
 
     # ---- ends
 
     def _abort_host(self) -> None:
-        t, self.transport = self.transport, None
-        if t is not None:
-            sock = t.get_extra_info("socket")
-            try:                               # close with RST, as the guest did
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except (OSError, AttributeError):
-                pass
-            t.abort()
+        host, self.host = self.host, None
+        if host is not None:
+            host.abort()                       # close with RST, as the guest did
 
     def abort(self) -> None:
         """Reset both sides (host failure, idle timeout, retransmission limit)."""
@@ -533,9 +532,9 @@ class TcpConn:
     def _time_wait(self) -> None:
         self.state = TIME_WAIT
         self.rto_deadline = None
-        if self.transport is not None:
-            self.transport.close()
-        self.loop.call_later(self.stack.cfg.time_wait, self.finish)
+        if self.host is not None:
+            self.host.close()
+        self.nat.time_wait(self)
 
     def finish(self) -> None:
         if self.state == CLOSED:
@@ -545,9 +544,9 @@ class TcpConn:
         if self.rto_handle is not None:
             self.rto_handle.cancel()
             self.rto_handle = None
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        if self.host is not None:
+            self.host.close()
+            self.host = None
         self.reasm = None
         self.sbuf = bytearray()
         self.s_head = self.s_tail = 0

@@ -4,20 +4,29 @@ opened from the host (port forwards), idle cleanup.
 On the guest's SYN the host `connect()` runs first; the guest gets SYN-ACK only when it
 succeeds, RST when refused, ICMP unreachable when the host has no route or the connect
 times out (as VPNKit and gvproxy do). Connects in flight are limited in total and per
-destination, so one black-holed destination never stalls connections to others."""
+destination, so one black-holed destination never stalls connections to others.
+
+The connect is a non-blocking `connect()` made while handling the SYN: to a loopback or
+otherwise fast peer it has completed when the call returns (getpeername() tells), so the
+SYN-ACK (or RST) leaves in the same loop iteration; otherwise the socket waits for
+writability, with a timer for the connect timeout. Flows in TIME_WAIT expire through one
+FIFO and one timer (every flow waits the same time), not a timer each."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
-from collections import Counter
+import socket
+from collections import Counter, deque
 
 from hvcore.netpkt import ACK, FIN, RST, SYN
-from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, HostSide, TcpConn
+from pyhv.net import tcp
+from pyhv.net.hostsock import HostSocket, Poller
+from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn
 
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
 EPHEMERAL = (32768, 60999)
+SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 class TcpNat:
@@ -26,27 +35,36 @@ class TcpNat:
         self.conns: dict[tuple[int, int, int, int], TcpConn] = {}
         self.connecting = 0
         self.per_dest: Counter[tuple[int, int]] = Counter()
-        self.sweeper: asyncio.TimerHandle | None = None
+        self.sweeper = None
+        self.poller: Poller | None = None
         self.next_port = EPHEMERAL[0]
-        self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self.scratch = memoryview(bytearray(tcp.READ_CHUNK))   # first reads of new flows
+        self.waiting: deque[tuple[float, TcpConn]] = deque()  # TIME_WAIT, oldest first
+        self.wait_timer = None
 
     def start(self) -> None:
+        self.poller = Poller(self.stack.loop)
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
 
     def remove(self, conn: TcpConn) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+        if conn.connect_dest is not None:
+            self._connect_ended(conn)
         if conn.on_close is not None:
             conn.on_close(conn)
 
     def segment(self, pkt) -> None:
         key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn = self.conns.get(key)
-        if conn is not None:
-            conn.segment(pkt)
-            return
         flags = pkt.flags
+        if conn is not None:
+            if conn.state != TIME_WAIT or flags & (SYN | ACK | RST) != SYN or \
+                    tcp.unwrap(pkt.seq, conn.rcv_nxt) <= conn.rcv_nxt:
+                conn.segment(pkt)
+                return
+            conn.finish()                       # a new connection reuses a TIME_WAIT pair
         if flags & RST:
             return
         if flags & SYN and not flags & ACK:
@@ -83,48 +101,83 @@ class TcpNat:
             return                              # the guest retransmits its SYN later
         conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn.accept_syn(pkt)
-        conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
         self.conns[key] = conn
-        self.connecting += 1
-        self.per_dest[dest] += 1
-        task = stack.loop.create_task(self._connect(conn, target, dest))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _connect(self, conn: TcpConn, target: tuple[str, int], dest) -> None:
-        stack = self.stack
-        counters = stack.counters
-        task = asyncio.current_task()
-        timer = stack.loop.call_later(stack.cfg.connect_timeout, task.cancel)
+        sock = None
         try:
-            await stack.loop.create_connection(lambda: HostSide(conn), *target)
-        except asyncio.CancelledError:
-            if self.closing:
-                raise
-            counters["tcp connect timeouts"] += 1
-            self._failed(conn, icmp=1)
-        except ConnectionRefusedError:
+            sock = socket.socket(socket.AF_INET, SOCK_TYPE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(target)
+            if err == errno.EINPROGRESS:
+                try:
+                    sock.getpeername()          # connected already (loopback, LAN)
+                    err = 0
+                except OSError:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or \
+                        errno.EINPROGRESS
+        except OSError as e:
+            err = e.errno or errno.EIO
+        if err == 0:
+            self._connected(conn, sock)
+        elif err == errno.EINPROGRESS:
+            conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
+            conn.connect_dest = dest
+            self.connecting += 1
+            self.per_dest[dest] += 1
+            conn.connect_timer = stack.loop.call_later(cfg.connect_timeout,
+                                                       self._connect_timeout, conn)
+            conn.host = HostSocket(self.poller, sock, conn, conn.rcv_cap)
+            conn.host.await_connect(lambda: self._connect_done(conn))
+        else:
+            if sock is not None:
+                sock.close()
+            conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
+            self._connect_failed(conn, err)
+
+    def _connected(self, conn: TcpConn, sock) -> None:
+        self.stack.counters["tcp connections"] += 1
+        if conn.host is None:
+            conn.host_connected(sock)
+        else:
+            conn.host.start_reading()
+        conn.send_synack()
+
+    def _connect_done(self, conn: TcpConn) -> None:
+        """The socket of a connect in flight became writable: connected, or failed."""
+        self._connect_ended(conn)
+        sock = conn.host.sock
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(conn, err)
+        else:
+            self._connected(conn, sock)
+
+    def _connect_timeout(self, conn: TcpConn) -> None:
+        conn.connect_timer = None
+        self.stack.counters["tcp connect timeouts"] += 1
+        self._failed(conn, icmp=1)
+
+    def _connect_ended(self, conn: TcpConn) -> None:
+        """Connects-in-flight bookkeeping ends (done, failed, timed out or flow gone)."""
+        dest, conn.connect_dest = conn.connect_dest, None
+        if conn.connect_timer is not None:
+            conn.connect_timer.cancel()
+            conn.connect_timer = None
+        self.connecting -= 1
+        self.per_dest[dest] -= 1
+        if not self.per_dest[dest]:
+            del self.per_dest[dest]
+
+    def _connect_failed(self, conn: TcpConn, err: int) -> None:
+        counters = self.stack.counters
+        if err == errno.ECONNREFUSED:
             counters["tcp connect refused"] += 1
             self._failed(conn)
-        except OSError as e:
-            name = errno.errorcode.get(e.errno or 0, "error")
-            counters[f"tcp connect failed: {name}"] += 1
-            if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-                self._failed(conn, icmp=1 if e.errno == errno.EHOSTUNREACH else 0)
-            else:
-                self._failed(conn)
+            return
+        counters[f"tcp connect failed: {errno.errorcode.get(err, 'error')}"] += 1
+        if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            self._failed(conn, icmp=1 if err == errno.EHOSTUNREACH else 0)
         else:
-            if conn.state == CONNECTING:
-                counters["tcp connections"] += 1
-                conn.send_synack()
-            else:                               # the guest gave up meanwhile
-                conn.finish()
-        finally:
-            timer.cancel()
-            self.connecting -= 1
-            self.per_dest[dest] -= 1
-            if not self.per_dest[dest]:
-                del self.per_dest[dest]
+            self._failed(conn)
 
     def _failed(self, conn: TcpConn, icmp: int | None = None) -> None:
         if conn.state == CONNECTING:
@@ -134,11 +187,11 @@ class TcpNat:
                     RST | ACK, 0)])
             else:
                 self.stack.unreachable(conn.syn_head, icmp)
-        conn.finish()
+        conn.abort()
 
-    def open_inbound(self, transport, guest: int, gport: int, on_close=None) -> TcpConn:
+    def open_inbound(self, sock, guest: int, gport: int, on_close=None) -> TcpConn:
         """A flow from the host (an accepted forward socket) to the guest's `gport`,
-        from the gateway address: SYN now, host reading paused until the guest answers."""
+        from the gateway address: SYN now, host reading only once the guest answers."""
         gw = self.stack.cfg.gw
         for _ in range(EPHEMERAL[1] - EPHEMERAL[0]):
             port = self.next_port
@@ -148,8 +201,7 @@ class TcpNat:
         conn = TcpConn(self, guest, gport, gw, port)
         conn.on_close = on_close
         self.conns[conn.key] = conn
-        conn.host_connected(transport)
-        transport.pause_reading()
+        conn.host_connected(sock, reading=False)
         conn.send_syn()
         return conn
 
@@ -165,11 +217,28 @@ class TcpNat:
                 conn.release_buffer()
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
 
+    def time_wait(self, conn: TcpConn) -> None:
+        """`conn` entered TIME_WAIT: it ends time_wait seconds from now."""
+        loop = self.stack.loop
+        self.waiting.append((loop.time() + self.stack.cfg.time_wait, conn))
+        if self.wait_timer is None:
+            self.wait_timer = loop.call_at(self.waiting[0][0], self._expire)
+
+    def _expire(self) -> None:
+        self.wait_timer = None
+        waiting, now = self.waiting, self.stack.loop.time()
+        while waiting and waiting[0][0] <= now:
+            conn = waiting.popleft()[1]
+            if conn.state == TIME_WAIT:
+                conn.finish()
+        if waiting:
+            self.wait_timer = self.stack.loop.call_at(waiting[0][0], self._expire)
+
     def stats(self) -> dict:
         conns = list(self.conns.values())
         states = Counter(STATES[c.state] for c in conns)
-        to_host = [c.transport.get_write_buffer_size() + (c.reasm.pending if c.reasm else 0)
-                   if c.transport else 0 for c in conns]
+        to_host = [(len(c.host.wbuf) if c.host else 0) + (c.reasm.pending if c.reasm else 0)
+                   for c in conns]
         to_guest = [c.buffered for c in conns]
         return {"flows": len(conns), "connecting": self.connecting, "states": states,
                 "buffered_to_host": sum(to_host), "buffered_to_host_max": max(to_host or [0]),
@@ -180,7 +249,9 @@ class TcpNat:
         self.closing = True
         if self.sweeper is not None:
             self.sweeper.cancel()
-        for task in list(self.tasks):
-            task.cancel()
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
         for conn in list(self.conns.values()):
             conn.abort()
+        if self.poller is not None:
+            self.poller.close()
