@@ -1,7 +1,7 @@
 # hvcore.fsattr: reply pieces the Python encoders (fuseproto) and the C fast paths (fsfast,
 # fsfiles) both write, so an attribute or header is laid out one way only. nogil inlines.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from hvcore.includes.fuse cimport fuse_attr, fuse_out_header
+from hvcore.includes.fuse cimport fuse_attr, fuse_out_header, fuse_entry_out
 from hvcore.includes.stat cimport stat
 
 
@@ -52,3 +52,61 @@ cdef inline Py_ssize_t reply_header(uint8_t *out, uint64_t unique, int err,
     o.error = -err
     o.unique = unique
     return total
+
+
+# --- what an entry carries: the cache mode's timeouts and the id maps -------------------------
+
+cdef struct Times:
+    uint64_t entry_sec
+    uint64_t attr_sec
+    uint32_t entry_nsec
+    uint32_t attr_nsec
+
+
+cdef struct IdAxis:
+    int kind                # 0 identity, 1 the caller (osxfs style), 2 ranges
+    uint32_t own
+    int n
+    uint64_t guest[8]
+    uint64_t host[8]
+    uint64_t count[8]
+
+
+cdef inline uint32_t to_guest(const IdAxis *a, uint32_t host, uint32_t caller) noexcept nogil:
+    """pyhv.share.idmap._Axis.to_guest: host ids outside every range show as 65534."""
+    cdef int i
+    if a.kind == 0:
+        return host
+    if a.kind == 1:
+        return caller if host == a.own else 65534
+    for i in range(a.n):
+        if a.host[i] <= host < a.host[i] + a.count[i]:
+            return <uint32_t>(a.guest[i] + host - a.host[i])
+    return 65534
+
+
+cdef inline bint to_host(const IdAxis *a, uint32_t guest, uint32_t *host) noexcept nogil:
+    """pyhv.share.idmap._Axis.to_host; False when the guest id has no host id."""
+    cdef int i
+    if guest == <uint32_t>-1 or a.kind == 0:       # UNCHANGED
+        host[0] = guest
+        return 1
+    if a.kind == 1:
+        host[0] = a.own
+        return 1
+    for i in range(a.n):
+        if a.guest[i] <= guest < a.guest[i] + a.count[i]:
+            host[0] = <uint32_t>(a.host[i] + guest - a.guest[i])
+            return 1
+    return 0
+
+
+cdef inline void fill_entry_st(fuse_entry_out *e, uint64_t nodeid, const stat *st,
+                               const Times *t, const IdAxis *u, const IdAxis *g,
+                               uint32_t caller_uid, uint32_t caller_gid) noexcept nogil:
+    """A fuse_entry_out (zeroed by the caller) for a looked-up inode."""
+    e.nodeid = nodeid
+    e.entry_valid, e.entry_valid_nsec = t.entry_sec, t.entry_nsec
+    e.attr_valid, e.attr_valid_nsec = t.attr_sec, t.attr_nsec
+    fill_attr_st(&e.attr, st, to_guest(u, st.st_uid, caller_uid),
+                 to_guest(g, st.st_gid, caller_gid))

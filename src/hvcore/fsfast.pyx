@@ -25,7 +25,9 @@ from posix.fcntl cimport open as c_open
 from posix.stat cimport fchmodat
 from posix.unistd cimport read, write, close
 
-from hvcore.fsattr cimport fill_attr_st, split_time, reply_header
+from hvcore.fsattr cimport (fill_attr_st, fill_entry_st, split_time, reply_header, Times,
+                            IdAxis, to_guest, to_host)
+from hvcore.fsdirs cimport opendir, readdir
 from hvcore.fsfiles cimport FileTable
 from hvcore.fsnodes cimport NodeTable
 from hvcore.fsops cimport _open_beneath
@@ -37,7 +39,9 @@ from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_entry_o
                                    fuse_forget_in, fuse_forget_one, fuse_getattr_in,
                                    FUSE_LOOKUP, FUSE_FORGET, FUSE_BATCH_FORGET, FUSE_GETATTR,
                                    FUSE_OPEN, FUSE_CREATE, FUSE_FLUSH, FUSE_RELEASE,
-                                   FUSE_UNLINK, FUSE_READ, FUSE_WRITE, FUSE_OPEN_KILL_SUIDGID)
+                                   FUSE_UNLINK, FUSE_READ, FUSE_WRITE, FUSE_OPEN_KILL_SUIDGID,
+                                   FUSE_OPENDIR, FUSE_READDIR, FUSE_READDIRPLUS,
+                                   FUSE_RELEASEDIR, fuse_read_in)
 from hvcore.includes.stat cimport stat, fstatat
 from hvcore.includes.sys cimport (pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
                                   pthread_mutex_lock, pthread_mutex_unlock)
@@ -50,48 +54,11 @@ DEF S_IFREG = 0o100000
 DEF S_ISGID = 0o2000
 DEF OVERFLOW = 65534
 cdef uint32_t UNCHANGED = 0xFFFFFFFF
-DEF MAX_RANGES = 8
+DEF MAX_RANGES = 8           # IdAxis keeps this many
 DEF EXPECT_SLOTS = 1024
 DEF NO_REPLY = -1
 # flags a client may pass that make no sense on a reopen (as pyhv.share.data.DROP_FLAGS)
 cdef int DROP_FLAGS = O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT
-
-
-cdef struct IdAxis:
-    int kind                # 0 identity, 1 the caller (osxfs style), 2 ranges
-    uint32_t own
-    int n
-    uint64_t guest[MAX_RANGES]
-    uint64_t host[MAX_RANGES]
-    uint64_t count[MAX_RANGES]
-
-
-cdef inline uint32_t to_guest(const IdAxis *a, uint32_t host, uint32_t caller) noexcept nogil:
-    cdef int i
-    if a.kind == 0:
-        return host
-    if a.kind == 1:
-        return caller if host == a.own else OVERFLOW
-    for i in range(a.n):
-        if a.host[i] <= host < a.host[i] + a.count[i]:
-            return <uint32_t>(a.guest[i] + host - a.host[i])
-    return OVERFLOW
-
-
-cdef inline bint to_host(const IdAxis *a, uint32_t guest, uint32_t *host) noexcept nogil:
-    """False when the guest id has no host id (the Python handler answers EINVAL)."""
-    cdef int i
-    if guest == UNCHANGED or a.kind == 0:
-        host[0] = guest
-        return 1
-    if a.kind == 1:
-        host[0] = a.own
-        return 1
-    for i in range(a.n):
-        if a.guest[i] <= guest < a.guest[i] + a.count[i]:
-            host[0] = <uint32_t>(a.host[i] + guest - a.guest[i])
-            return 1
-    return 0
 
 
 cdef struct Expect:
@@ -123,8 +90,7 @@ cdef class FastPath:
     cdef FileTable files
     cdef IdAxis uid
     cdef IdAxis gid
-    cdef uint64_t entry_sec, attr_sec
-    cdef uint32_t entry_nsec, attr_nsec
+    cdef Times times
     cdef Expect *expect
     cdef int expect_head, expect_len
     cdef pthread_mutex_t expect_lock
@@ -134,6 +100,8 @@ cdef class FastPath:
     cdef public bint writeback          # FUSE_WRITEBACK_CACHE negotiated
     cdef public bint chown_created      # a root server hands new inodes to the caller
     cdef public uint32_t open_flags     # FOPEN_* for files (the cache mode's)
+    cdef public uint32_t dir_open_flags  # FOPEN_* for directories
+    cdef public uint32_t max_write      # largest READDIR(PLUS) payload
 
     def __cinit__(self, NodeTable nodes not None, FileTable files not None):
         self.nodes = nodes
@@ -146,10 +114,12 @@ cdef class FastPath:
         pthread_mutex_destroy(&self.expect_lock)
 
     def configure(self, double entry_timeout, double attr_timeout, uint32_t open_flags,
-                  bint readonly, bint watching, bint writeback, bint chown_created) -> None:
-        split_time(entry_timeout, &self.entry_sec, &self.entry_nsec)
-        split_time(attr_timeout, &self.attr_sec, &self.attr_nsec)
+                  uint32_t dir_open_flags, uint32_t max_write, bint readonly, bint watching, bint writeback, bint chown_created) -> None:
+        split_time(entry_timeout, &self.times.entry_sec, &self.times.entry_nsec)
+        split_time(attr_timeout, &self.times.attr_sec, &self.times.attr_nsec)
         self.open_flags = open_flags
+        self.dir_open_flags = dir_open_flags
+        self.max_write = max_write
         self.readonly, self.watching, self.writeback = readonly, watching, writeback
         self.chown_created = chown_created
         if watching and self.expect == NULL:
@@ -205,12 +175,8 @@ cdef class FastPath:
         """fuse_entry_out for `nodeid`, then `extra` zeroed bytes (CREATE's open_out)."""
         cdef Py_ssize_t ohdr = sizeof(fuse_out_header)
         memset(out + ohdr, 0, sizeof(fuse_entry_out) + extra)
-        cdef fuse_entry_out *e = <fuse_entry_out *>(out + ohdr)
-        e.nodeid = nodeid
-        e.entry_valid, e.entry_valid_nsec = self.entry_sec, self.entry_nsec
-        e.attr_valid, e.attr_valid_nsec = self.attr_sec, self.attr_nsec
-        fill_attr_st(&e.attr, st, to_guest(&self.uid, st.st_uid, h.uid),
-                     to_guest(&self.gid, st.st_gid, h.gid))
+        fill_entry_st(<fuse_entry_out *>(out + ohdr), nodeid, st, &self.times, &self.uid,
+                      &self.gid, h.uid, h.gid)
         return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_entry_out) + extra)
 
     cdef inline Py_ssize_t _open_out(self, uint8_t *out, const fuse_in_header *h, uint64_t fh,
@@ -260,6 +226,16 @@ cdef class FastPath:
             return self._release(h, req, n, out)
         if op == FUSE_UNLINK:
             return self._unlink(h, req, n, out)
+        if op == FUSE_OPENDIR:
+            return opendir(self.nodes, self.files, h, req, n, out, self.dir_open_flags)
+        if op == FUSE_READDIR or op == FUSE_READDIRPLUS:
+            if n < hdr + <Py_ssize_t>sizeof(fuse_read_in):
+                return 0
+            return readdir(self.nodes, self.files, h, <const fuse_read_in *>(req + hdr), out,
+                           min(cap, ohdr + self.max_write), op == FUSE_READDIRPLUS,
+                           &self.times, &self.uid, &self.gid)
+        if op == FUSE_RELEASEDIR:
+            return self._release(h, req, n, out)
         return 0
 
     cdef Py_ssize_t _lookup(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
@@ -291,7 +267,7 @@ cdef class FastPath:
             return reply_header(out, h.unique, err, ohdr)
         memset(out + ohdr, 0, sizeof(fuse_attr_out))
         cdef fuse_attr_out *a = <fuse_attr_out *>(out + ohdr)
-        a.attr_valid, a.attr_valid_nsec = self.attr_sec, self.attr_nsec
+        a.attr_valid, a.attr_valid_nsec = self.times.attr_sec, self.times.attr_nsec
         fill_attr_st(&a.attr, &st, to_guest(&self.uid, st.st_uid, h.uid),
                      to_guest(&self.gid, st.st_gid, h.gid))
         return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_attr_out))

@@ -82,3 +82,6 @@ cdef class NodeTable:
     cdef void _drop(self, int32_t s) noexcept nogil
     cdef int _mount_fd(self, int mount_id, int fd, bint is_dir) noexcept nogil
     cdef void _close_all(self) noexcept nogil
+    cdef int _lookup_fd(self, int pfd, const char *name, stat *st, uint64_t *nodeid,
+                        int32_t *slot) noexcept nogil
+    cdef bint _known(self, uint64_t dev, uint64_t ino) noexcept nogil

@@ -434,12 +434,37 @@ cdef class NodeTable:
         """One component below `parent`, never outside it, counted as one lookup: 0 or an
         errno. `slot` (when not NULL) is left pinned."""
         cdef int pfd = -1, err = 0
-        cdef bint new
         cdef int32_t ps = self._pin(parent, &pfd, &err)
         if ps < 0:
             return err
-        cdef long fd = _open_beneath(pfd, name, O_PATH_FLAGS, 0, &err)
+        err = self._lookup_fd(pfd, name, st, nodeid, slot)
         self._unpin(ps)
+        return err
+
+    cdef int _lookup_fd(self, int pfd, const char *name, stat *st, uint64_t *nodeid,
+                        int32_t *slot) noexcept nogil:
+        """`_lookup` below a directory descriptor the caller holds (an open directory).
+
+        A name whose inode the table holds with an open descriptor (the client revalidating
+        what it knows) takes one fstatat: `name` is one plain component (no '/', '.', '..')
+        and is not followed, so it cannot leave `pfd`, and an inode we hold open cannot have
+        had its number reused, so (st_dev, st_ino) names it. Anything else is a full lookup."""
+        cdef int err = 0
+        cdef bint new
+        cdef int32_t s
+        if fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW) == 0:
+            pthread_mutex_lock(&self.lock)
+            s = self._find_key(st.st_dev, st.st_ino)
+            if s >= 0 and self.nodes[s].fd >= 0:
+                self.nodes[s].nlookup += 1
+                nodeid[0] = self.nodes[s].nodeid
+                if slot != NULL:
+                    self.nodes[s].pins += 1
+                    slot[0] = s
+                pthread_mutex_unlock(&self.lock)
+                return 0
+            pthread_mutex_unlock(&self.lock)
+        cdef long fd = _open_beneath(pfd, name, O_PATH_FLAGS, 0, &err)
         if fd < 0:
             return err
         if fstatat(<int>fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
@@ -448,6 +473,12 @@ cdef class NodeTable:
             return err
         nodeid[0] = self._adopt(<int>fd, st, &err, &new, slot)
         return err
+
+    cdef bint _known(self, uint64_t dev, uint64_t ino) noexcept nogil:
+        pthread_mutex_lock(&self.lock)
+        cdef bint r = self._find_key(dev, ino) >= 0
+        pthread_mutex_unlock(&self.lock)
+        return r
 
     cdef int _forget(self, uint64_t nodeid, uint64_t count, bint force) noexcept nogil:
         """Take back `count` lookups: 1 when the node is gone, 0 when it stays (or is

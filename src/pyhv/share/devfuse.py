@@ -140,7 +140,12 @@ class DevFuse:
     # --- serving -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """One reader per CPU from the start (at least two): the hot requests are served in
+        C without the GIL, so concurrent clients (git's parallel lstat) are served in
+        parallel; more readers come when requests wait in Python."""
         self._spawn(self.fd)
+        for _ in range(min(self.max_threads, max(2, os.cpu_count() or 1)) - 1):
+            self._spawn()
 
     def _clone(self) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)

@@ -255,13 +255,13 @@ class MetaOps:
     def _op_opendir(self, unique, nodeid, args, ctx):
         node = self.inodes.get(nodeid)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
-        return [fp.open_reply(unique, self._new_handle(fd, node, locked=True),
+        return [fp.open_reply(unique, self._new_handle(fd, node),
                               self.policy.dir_open_flags)]
 
     def _op_readdir(self, unique, nodeid, args, ctx):
         fh, offset, size = args[0], args[1], args[2]
         h = self._handle(fh)
-        with h.lock:
+        with self.listing:
             data = fs.read_dir(h.fd, offset, min(size, self.opts.max_write))
         return [fp.header(unique, len(data)), data]
 
@@ -270,7 +270,7 @@ class MetaOps:
         h = self._handle(fh)
         out = fp.DirentPlus()
         p = self.policy
-        with h.lock:
+        with self.listing:
             entries = fs.list_dir(h.fd, offset, min(size, self.opts.max_write))
         known, dev = self.inodes.c.find, h.inode.dev
         for name, ino, dtype, off in entries:

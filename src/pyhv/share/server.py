@@ -31,6 +31,8 @@ OFFERED = (F["ASYNC_READ"] | F["POSIX_LOCKS"] | F["ATOMIC_O_TRUNC"] | F["BIG_WRI
            | F["FLOCK_LOCKS"] | F["DO_READDIRPLUS"] | F["READDIRPLUS_AUTO"] | F["ASYNC_DIO"]
            | F["PARALLEL_DIROPS"] | F["MAX_PAGES"] | F["HANDLE_KILLPRIV_V2"]
            | F["CACHE_SYMLINKS"])
+# Requests whose reply size the client chooses (the fast path's buffer must hold it).
+SIZED = frozenset({fp.READ, fp.READDIR, fp.READDIRPLUS})
 # Requests that change the share: refused with EROFS on a read-only share.
 MODIFYING = frozenset({fp.SETATTR, fp.SYMLINK, fp.MKNOD, fp.MKDIR, fp.UNLINK, fp.RMDIR,
                        fp.RENAME, fp.RENAME2, fp.LINK, fp.WRITE, fp.CREATE, fp.SETXATTR,
@@ -39,14 +41,13 @@ MODIFYING = frozenset({fp.SETATTR, fp.SYMLINK, fp.MKNOD, fp.MKDIR, fp.UNLINK, fp
 
 class Handle:
     """An open file or directory: a real descriptor (not O_PATH, owned by the FileTable) and
-    the inode it is on; directories keep one (with the lock their listings take)."""
+    the inode it is on."""
 
-    __slots__ = ("fd", "inode", "lock")
+    __slots__ = ("fd", "inode")
 
-    def __init__(self, fd: int, inode: Inode, locked: bool = False):
+    def __init__(self, fd: int, inode: Inode):
         self.fd = fd
         self.inode = inode
-        self.lock = threading.Lock() if locked else None
 
 
 class FuseServer(MetaOps, DataOps, LockOps):
@@ -57,12 +58,12 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.policy = options.policy
         self.idmap = options.idmap
         self.inodes = InodeTable(options.root, options.fd_cache)
-        self.dirs: dict[int, Handle] = {}       # open directories (files: only in `files`)
+        self.listing = threading.Lock()         # a listing is lseek + getdents on the fd
         # the open files' descriptors, by file handle; READ / WRITE are answered there in C
         self.files = FileTable()
         self.files.max_io = options.max_write
         self.files.writable = not options.readonly
-        # LOOKUP, GETATTR, FORGET, OPEN, CREATE, FLUSH, RELEASE, UNLINK answered in C
+        # LOOKUP, GETATTR, FORGET, OPEN, CREATE, FLUSH, RELEASE, UNLINK, directories in C
         self.fast = FastPath(self.inodes.c, self.files)
         self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
         self.negotiated = 0
@@ -106,9 +107,9 @@ class FuseServer(MetaOps, DataOps, LockOps):
         if self.opts.readonly and opcode in MODIFYING:
             return [fp.error_reply(unique, errno.EROFS)]
         if fast:
-            size = 16 + args[2] if opcode == fp.READ else 0
+            size = 16 + min(args[2], self.opts.max_write) if opcode in SIZED else 0
             out = bytearray(max(512, size))
-            n = self.fast.serve(buf, out) if size <= 16 + self.opts.max_write else 0
+            n = self.fast.serve(buf, out)
             if n:
                 return [memoryview(out)[:n]] if n > 0 else []   # else: Python answers it
         self.inodes.begin()
@@ -139,24 +140,17 @@ class FuseServer(MetaOps, DataOps, LockOps):
 
     # --- helpers the operation mixins share ------------------------------------------------
 
-    def _new_handle(self, fd: int, inode: Inode, locked: bool = False) -> int:
+    def _new_handle(self, fd: int, inode: Inode) -> int:
         slot = self.inodes.hold(inode)    # an open file keeps its inode's descriptor
-        fh = self.files.add(fd, slot)     # which owns (and closes) the descriptor from now on
-        if locked:
-            self.dirs[fh] = Handle(fd, inode, locked)
-        return fh
+        return self.files.add(fd, slot)   # which owns (and closes) the descriptor from now on
 
     def _close_handle(self, fh: int) -> None:
         """RELEASE(DIR): close the descriptor (after READ / WRITE still using it)."""
-        self.dirs.pop(fh, None)
         held = self.files.remove(fh)
         if held is not None and held[1] >= 0:
             self.inodes.unhold(held[1])
 
     def _handle(self, fh: int) -> Handle:
-        h = self.dirs.get(fh)
-        if h is not None:
-            return h
         info = self.files.info(fh)
         if info is None:
             raise OSError(errno.EBADF, f"unknown file handle {fh}")
@@ -215,9 +209,9 @@ class FuseServer(MetaOps, DataOps, LockOps):
     def _start_fast_path(self) -> None:
         """From INIT on, the hot requests are answered in C with this share's settings."""
         p, ids = self.policy, self.idmap
-        self.fast.configure(p.entry_timeout, p.attr_timeout, p.open_flags, self.opts.readonly,
-                            self.watching, bool(self.negotiated & F["WRITEBACK_CACHE"]),
-                            os.geteuid() == 0)
+        self.fast.configure(p.entry_timeout, p.attr_timeout, p.open_flags, p.dir_open_flags,
+                            self.opts.max_write, self.opts.readonly, self.watching,
+                            bool(self.negotiated & F["WRITEBACK_CACHE"]), os.geteuid() == 0)
         ok = True
         for axis, a in enumerate((ids.uid, ids.gid)):
             kind = 0 if a.identity else 1 if a.caller else 2
