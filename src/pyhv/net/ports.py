@@ -9,8 +9,9 @@ together make one frame (headers, then a view of TCP payload: never copied into 
 A port never queues without bound: a frame it cannot pass on at once is dropped and
 counted (`dropped`), as a full NIC queue would.
 
-Implementations: `FdPort` (a TAP fd: one frame per read/write), `StreamPort` (QEMU
-`-netdev stream`: unix stream socket, 4-byte big-endian length before each frame) and
+Implementations: `FdPort` (a TAP fd: one frame per read/write, a batch per call through
+`hvcore.netio`), `StreamPort` (QEMU `-netdev stream`: unix stream socket, 4-byte big-endian
+length before each frame) and
 `DgramPort` (unix datagram socket, one frame per datagram; vfkit/krunkit style).
 """
 
@@ -21,6 +22,8 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
+
+from hvcore.netio import read_frames, write_frames
 
 Deliver = Callable[[list[bytes]], None]
 MAX_FRAME = 65536 + 16
@@ -67,30 +70,13 @@ class FdPort(FramePort):
         self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
-        frames = []
-        read = os.read
-        try:
-            for _ in range(BATCH):
-                frames.append(read(self.fd, MAX_FRAME))
-        except BlockingIOError:
-            pass
-        except OSError:
-            if not frames:
-                raise
-        self.frames_in += len(frames)
+        frames = read_frames(self.fd, BATCH, MAX_FRAME)
         if frames:
+            self.frames_in += len(frames)
             self.deliver(frames)
 
     def send(self, frames) -> None:
-        write, writev, fd = os.write, os.writev, self.fd
-        for f in frames:
-            try:
-                if type(f) is tuple:
-                    writev(fd, f)
-                else:
-                    write(fd, f)
-            except (BlockingIOError, OSError):
-                self.dropped += 1
+        self.dropped += write_frames(self.fd, frames)
         self.frames_out += len(frames)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
+from pyhv.net.tcp import DELACK, TIME_WAIT
 
 BROADCAST_MAC = 0xFFFFFFFFFFFF
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Stack:
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
         self.ack_pending: set = set()
+        self.delayed: set = set()           # flows owing a delayed ACK
+        self.delack_timer = None
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
         self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
@@ -52,6 +55,8 @@ class Stack:
         self.udp.start()
 
     def close(self) -> None:
+        if self.delack_timer is not None:
+            self.delack_timer.cancel()
         self.tcp.close()
         self.udp.close()
         self.icmp.close()
@@ -60,12 +65,21 @@ class Stack:
     # ---- input
 
     def receive(self, frames: list[bytes]) -> None:
-        """A batch of frames from the port; ACKs owed are sent once at the end."""
+        """A batch of frames from the port; ACKs owed are sent once at the end. A segment
+        of a known TCP flow from the guest's known MAC goes to its flow directly."""
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
+        parse, vnet, builder, conns = netpkt.parse, self.vnet, self.builder, self.tcp.conns
         for frame in frames:
             try:
-                self.frame(frame)
+                pkt = parse(frame, vnet)
+                if pkt.kind == IPV4 and pkt.proto == 6 and pkt.ttl > 1 and \
+                        pkt.mac_src == builder.guest_mac:
+                    conn = conns.get((pkt.src, pkt.sport, pkt.dst, pkt.dport))
+                    if conn is not None and conn.state != TIME_WAIT:
+                        conn.segment(pkt)
+                        continue
+                self.packet(pkt)
             except Exception:               # a bug must cost one frame, not the service
                 self.counters["internal errors"] += 1
                 if self.counters["internal errors"] == 1:
@@ -75,8 +89,22 @@ class Stack:
             for conn in pending:
                 conn.flush_ack()
 
+    def delay_ack(self, conn) -> None:
+        """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
+        self.delayed.add(conn)
+        if self.delack_timer is None:
+            self.delack_timer = self.loop.call_later(DELACK, self._delayed_acks)
+
+    def _delayed_acks(self) -> None:
+        self.delack_timer = None
+        delayed, self.delayed = self.delayed, set()
+        for conn in delayed:
+            conn.delayed_ack()
+
     def frame(self, frame: bytes) -> None:
-        pkt = netpkt.parse(frame, self.vnet)
+        self.packet(netpkt.parse(frame, self.vnet))
+
+    def packet(self, pkt) -> None:
         kind = pkt.kind
         if kind == IPV4:
             self.ip(pkt)

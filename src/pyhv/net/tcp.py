@@ -31,6 +31,8 @@ MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
 MAX_RETRIES = 8
 READ_CHUNK = 256 << 10          # largest host read
 MIN_ROOM = 16 << 10             # grow (doubling) or compact when less room is left
+DELACK_BYTES = 1024             # new data below this (and below one MSS) is ACKed ...
+DELACK = 0.001                  # ... this much later, unless an answer carries the ACK
 
 
 def unwrap(value: int, ref: int) -> int:
@@ -109,10 +111,21 @@ class TcpConn:
         self._segment(ACK)
 
     def flush_ack(self) -> None:
-        """Called once per batch of guest frames: one ACK for all of them, if owed."""
+        """Called once per batch of guest frames: one ACK for all of them, if owed. Less
+        than DELACK_BYTES of new data (a request) is ACKed DELACK later, so the host's
+        answer, if it comes by then, carries the ACK (one frame less per exchange)."""
         if self.state in (CLOSED, CONNECTING, SYN_SENT, SYN_RCVD):
             return
-        if self.rcv_nxt != self.last_ack or self._wnd_field() > self.last_wnd:
+        owed = self.rcv_nxt - self.last_ack
+        if owed and owed < DELACK_BYTES and owed < self.mss and self.state == ESTABLISHED:
+            self.stack.delay_ack(self)
+        elif owed or self._wnd_field() > self.last_wnd:
+            self.ack_now()
+
+    def delayed_ack(self) -> None:
+        """DELACK has passed since data arrived: the ACK goes now, if still owed."""
+        if self.state not in (CLOSED, CONNECTING, SYN_SENT, SYN_RCVD) and \
+                self.rcv_nxt != self.last_ack:
             self.ack_now()
 
     def window_update(self) -> None:
@@ -306,7 +319,8 @@ class TcpConn:
             return
         if pkt.payload_len or flags & FIN:
             self._receive(pkt)
-        self._output()
+        if self.s_tail != self.s_head or self.fin_queued and self.fin_seq is None:
+            self._output()
 
     def _syn_sent(self, pkt) -> None:
         flags = pkt.flags
@@ -426,8 +440,8 @@ class TcpConn:
         if fin and end == self.rcv_nxt or self.rcv_fin == self.rcv_nxt:
             self.rcv_fin = None
             self.rcv_nxt += 1
-            if self.host is not None:
-                self.host.write_eof()
+            if self.host is not None and self.state != FIN_WAIT_2:
+                self.host.write_eof()          # (from FIN_WAIT_2 the close sends our FIN)
             if self.state == ESTABLISHED:
                 self.state = CLOSE_WAIT
             elif self.state == FIN_WAIT_1:

@@ -1,0 +1,80 @@
+# cython: language_level=3
+"""Frame I/O on a file descriptor that carries one frame per read/write (a TAP device):
+a batch of reads or writes in one call, each syscall with the GIL released.
+
+Python's os.read/os.write cost a call, an object and, at the end of every batch, a
+BlockingIOError; a TAP port reads and writes a few frames per event-loop wakeup, so
+here a batch is one call and "no more frames" is a return value, not an exception."""
+
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
+                                 PyByteArray_Resize)
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint8_t
+from posix.unistd cimport read, write
+from posix.uio cimport iovec, writev
+
+DEF MAX_PARTS = 8
+
+
+def read_frames(int fd, int max_frames, Py_ssize_t max_size) -> list:
+    """Up to `max_frames` frames (bytearrays of at most `max_size` bytes), until the fd
+    has no more (EAGAIN). Raises OSError only when the very first read fails otherwise."""
+    cdef list frames = []
+    cdef bytearray buf
+    cdef char *p
+    cdef Py_ssize_t n
+    cdef int err
+    while len(frames) < max_frames:
+        buf = PyByteArray_FromStringAndSize(NULL, max_size)
+        p = PyByteArray_AS_STRING(buf)
+        with nogil:
+            n = read(fd, p, max_size)
+            err = errno
+        if n < 0:
+            if err == EINTR:
+                continue
+            if err == EAGAIN or frames:
+                break
+            raise OSError(err, f"reading frames from fd {fd}")
+        PyByteArray_Resize(buf, n)              # shrinks in place (realloc)
+        frames.append(buf)
+    return frames
+
+
+def write_frames(int fd, frames) -> int:
+    """Write each frame (a buffer, or a tuple of buffers making one frame) with one
+    write/writev; returns how many could not be written (full queue, error): they are
+    dropped, as a full NIC queue would."""
+    cdef iovec iov[MAX_PARTS]
+    cdef Py_buffer bufs[MAX_PARTS]
+    cdef const uint8_t[::1] one
+    cdef Py_ssize_t n
+    cdef int dropped = 0, k, i, got
+    for f in frames:
+        if type(f) is tuple:
+            k = len(<tuple>f)
+            if k > MAX_PARTS:
+                dropped += 1
+                continue
+            got = 0
+            try:
+                for i in range(k):
+                    PyObject_GetBuffer((<tuple>f)[i], &bufs[i], PyBUF_SIMPLE)
+                    got += 1
+                    iov[i].iov_base = bufs[i].buf
+                    iov[i].iov_len = bufs[i].len
+                with nogil:
+                    n = writev(fd, iov, k)
+            finally:
+                for i in range(got):
+                    PyBuffer_Release(&bufs[i])
+        else:
+            one = f
+            if one.shape[0] == 0:
+                continue
+            with nogil:
+                n = write(fd, &one[0], one.shape[0])
+        if n < 0:
+            dropped += 1
+    return dropped
