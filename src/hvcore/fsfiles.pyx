@@ -15,6 +15,8 @@ from libc.string cimport memset
 from posix.unistd cimport pread, pwrite, close
 
 from hvcore.fsattr cimport reply_header
+from hvcore.fssys cimport (pthread_mutexattr_t, pthread_mutexattr_init,
+                           pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
 from hvcore.includes.fcntl cimport AT_EMPTY_PATH
 from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_read_in,
                                    fuse_write_in, fuse_write_out, FUSE_READ, FUSE_WRITE,
@@ -32,7 +34,10 @@ cdef class FileTable:
     `serve(req, out)` answers READ and WRITE."""
 
     def __cinit__(self):
-        pthread_mutex_init(&self.lock, NULL)
+        cdef pthread_mutexattr_t attr
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)    # short sections: spin
+        pthread_mutex_init(&self.lock, &attr)
         self.cap = 0
         self.slots = NULL
         self.hint = 0

@@ -30,7 +30,9 @@ from hvcore.includes.stat cimport stat, fstatat
 from hvcore.includes.sys cimport (pthread_mutex_init, pthread_mutex_destroy,
                                   pthread_mutex_lock, pthread_mutex_unlock)
 from hvcore.fsops cimport Stat, _open_beneath
-from hvcore.fssys cimport inotify_add_watch, inotify_rm_watch, O_PATH
+from hvcore.fssys cimport (inotify_add_watch, inotify_rm_watch, O_PATH, pthread_mutexattr_t,
+                           pthread_mutexattr_init, pthread_mutexattr_settype,
+                           PTHREAD_MUTEX_ADAPTIVE_NP)
 
 import os as _os
 
@@ -58,7 +60,10 @@ cdef class NodeTable:
 
     def __cinit__(self, int root_fd, uint64_t dev, uint64_t ino, int capacity,
                   bint use_handles):
-        pthread_mutex_init(&self.lock, NULL)
+        cdef pthread_mutexattr_t attr
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)    # short sections: spin
+        pthread_mutex_init(&self.lock, &attr)
         self.cap = 0
         self.nodes = NULL
         self.nbuckets = 0
@@ -448,14 +453,28 @@ cdef class NodeTable:
         A name whose inode the table holds with an open descriptor (the client revalidating
         what it knows) takes one fstatat: `name` is one plain component (no '/', '.', '..')
         and is not followed, so it cannot leave `pfd`, and an inode we hold open cannot have
-        had its number reused, so (st_dev, st_ino) names it. Anything else is a full lookup."""
-        cdef int err = 0
-        cdef bint new
+        had its number reused, so (st_dev, st_ino) names it; one held by handle only is the
+        same inode when name_to_handle_at(name) gives the same handle. Anything else is a
+        full lookup."""
+        cdef int err = 0, mount_id = 0
+        cdef bint new, handled = 0
         cdef int32_t s
+        cdef uint64_t hbuf[HANDLE_WORDS]
+        cdef file_handle *h = <file_handle *>hbuf
         if fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW) == 0:
             pthread_mutex_lock(&self.lock)
             s = self._find_key(st.st_dev, st.st_ino)
-            if s >= 0 and self.nodes[s].fd >= 0:
+            if s >= 0 and self.nodes[s].fd < 0 and self.nodes[s].handle_len:
+                # held by handle, descriptor evicted: the same inode iff the same handle
+                pthread_mutex_unlock(&self.lock)
+                h.handle_bytes = HANDLE_MAX
+                handled = (name_to_handle_at(pfd, name, h, &mount_id, 0) == 0
+                           and h.handle_bytes <= HANDLE_MAX)
+                pthread_mutex_lock(&self.lock)
+                s = self._find_key(st.st_dev, st.st_ino)
+                handled = (handled and s >= 0 and self.nodes[s].handle_len == 8 + h.handle_bytes
+                           and memcmp(self.nodes[s].handle, hbuf, 8 + h.handle_bytes) == 0)
+            if s >= 0 and (self.nodes[s].fd >= 0 or handled):
                 self.nodes[s].nlookup += 1
                 nodeid[0] = self.nodes[s].nodeid
                 if slot != NULL:
