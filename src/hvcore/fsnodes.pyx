@@ -16,7 +16,7 @@ one array (slots, found through chained hashes by nodeid, by (dev, ino) and by i
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno, ENOMEM, ESTALE
+from libc.errno cimport errno, ENOENT, ENOMEM, ESTALE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport malloc, free, realloc, calloc
@@ -461,7 +461,10 @@ cdef class NodeTable:
         cdef int32_t s
         cdef uint64_t hbuf[HANDLE_WORDS]
         cdef file_handle *h = <file_handle *>hbuf
-        if fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW) == 0:
+        if fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW) < 0:
+            if errno == ENOENT:
+                return ENOENT           # what openat2 would say (other errors: it says)
+        else:
             pthread_mutex_lock(&self.lock)
             s = self._find_key(st.st_dev, st.st_ino)
             if s >= 0 and self.nodes[s].fd < 0 and self.nodes[s].handle_len:

@@ -62,6 +62,7 @@ class DevFuse:
         self._idle = 0
         self._lock = threading.Lock()
         self._stopping = False
+        self._can_clone = True
 
     # --- mount / unmount ---------------------------------------------------------------------
 
@@ -163,15 +164,18 @@ class DevFuse:
         t.start()
 
     def _reader(self, fd: int | None) -> None:
-        own = fd is None
+        own = fd is None and self._can_clone
         try:
             if own:
                 fd = self._clone()
         except OSError as e:
-            log.warning("cannot clone /dev/fuse: %s", e)
-            with self._lock:
-                self._idle -= 1
-            return
+            # a user without access to /dev/fuse (fusermount3 opened it): share the one
+            # descriptor, as libfuse does without clone_fd
+            self._can_clone = False
+            own = False
+            log.debug("cannot clone /dev/fuse (%s): readers share its descriptor", e)
+        if fd is None:
+            fd = self.fd
         buf = bytearray(self.bufsize)
         out = bytearray(self.bufsize)       # READ / WRITE replies, written in C
         view = memoryview(buf)

@@ -1,0 +1,127 @@
+"""`pyhv share serve` run by a normal user: the mount goes through fusermount3 (setuid root)
+into a directory that user owns, files appear owned by the caller, and it unmounts cleanly.
+
+The server process is a real non-root process: Python starts as root (here the interpreter
+may live where other users cannot read it), imports pyhv, drops every privilege to `nobody`
+(groups, gid, uid: no capabilities are left), and only then runs `pyhv share serve`. The
+client side runs as `nobody` too (without allow_other nobody else may use the mount)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.share_mount import is_mounted
+
+# Everything `share serve` imports, imported before the privileges go.
+LAUNCH = """
+import os, sys
+import argparse, ctypes, errno, fcntl, logging, resource, select, shutil, signal, socket
+import struct, subprocess, threading, time
+import pyhv.cli, pyhv.share.cli, pyhv.share.devfuse, pyhv.share.server, pyhv.share.watch
+import pyhv.share.idmap, pyhv.share.options
+pyhv.cli.build_parser()         # imports every subcommand's module
+uid = int(sys.argv[1])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+sys.exit(pyhv.cli.main(sys.argv[2:]))
+"""
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create the non-root server (it drops to nobody)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        return ("/dev/fuse is not read-writable by other users here (distributions make it "
+                "0666); fusermount3 opens it as the calling user")
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        return "fusermount3 not installed (apt fuse3)"
+    if not os.stat(tool).st_mode & 0o4000:
+        return "fusermount3 is not setuid root"
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return "no user nobody"
+    return None
+
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+
+def as_nobody(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_normal_user_mounts_through_fusermount3():
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pyhv-share-user-"))
+    os.chmod(base, 0o755)
+    host, mnt = base / "host", base / "mnt"
+    for d in (host, mnt):
+        d.mkdir()
+        os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    (host / "hello").write_text("from the host\n")
+    os.chown(host / "hello", nobody.pw_uid, nobody.pw_gid)
+    (host / "roots").write_text("root's file\n")          # another owner: shows as 65534
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, str(nobody.pw_uid), "share", "serve", str(host),
+         "--mount", str(mnt), "--ready-fd", str(w)],
+        pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=base,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as ready:
+            line = ready.readline()
+        if line != b"ready\n":
+            proc.wait(30)
+            pytest.fail(f"server did not start: {proc.stderr.read().decode()}")
+        assert is_mounted(mnt)
+        server_ids = {line.split()[0]: line.split()[1:] for line in
+                      Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith(("Uid:", "Gid:", "CapEff:"))}
+        assert server_ids["Uid:"] == [str(nobody.pw_uid)] * 4
+        assert server_ids["CapEff:"] == ["0000000000000000"]
+        out = as_nobody(f"cd {mnt} && cat hello && echo written > new && mkdir sub && "
+                        f"echo inner > sub/f && cat sub/f && ls -n . && rm new")
+        assert out.returncode == 0, out.stderr
+        assert "from the host\ninner\n" in out.stdout
+        owners = {f.split()[-1]: (f.split()[2], f.split()[3]) for f in out.stdout.splitlines()
+                  if f.startswith(("-", "d"))}
+        assert owners["hello"] == (str(nobody.pw_uid), str(nobody.pw_gid))    # the caller
+        assert owners["roots"] == ("65534", "65534")                           # other ids
+        assert (host / "sub" / "f").read_text() == "inner\n"
+        assert (host / "sub" / "f").stat().st_uid == nobody.pw_uid
+        assert not (host / "new").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log = proc.stderr.read().decode()
+        proc.stderr.close()
+        deadline = time.monotonic() + 10
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        mounted = is_mounted(mnt)
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)])
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 0, log
+    assert not mounted, "fusermount3 -u did not unmount"
