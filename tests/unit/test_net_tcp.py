@@ -344,3 +344,100 @@ def test_retransmitted_data_with_a_fin_at_rcv_nxt_closes():
         assert stack.counters["tcp duplicate segments"] == 0
 
     run(body)
+
+
+def test_rst_only_at_rcv_nxt_resets_rfc5961():
+    """A RST whose sequence number is inside the window but not exactly rcv_nxt gets a
+    challenge ACK and changes nothing (a blind attacker cannot guess rcv_nxt); one
+    outside the window is dropped silently; one at rcv_nxt resets the flow."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.send(n.ACK | n.PSH, b"hello")
+        await settle(lambda: bytes(received) == b"hello")
+        guest.seq = 1006
+        guest.port.out.clear()
+        guest.send(n.RST, seq=1006 + 100)                       # in the window
+        challenge = await guest.expect(lambda p: p.flags & n.ACK)
+        assert challenge.ack == 1006 and not challenge.flags & n.RST
+        assert stack.counters["tcp challenge acks"] == 1
+        guest.send(n.RST, seq=1006 + (1 << 30))                 # far outside it
+        guest.send(n.RST, seq=1006 - 3)                         # old
+        assert _conn(stack).state == tcp.ESTABLISHED
+        assert stack.counters["tcp challenge acks"] == 1 and not eof.is_set()
+        guest.send(n.ACK | n.PSH, b" still here")
+        await settle(lambda: bytes(received) == b"hello still here")
+        guest.send(n.RST, seq=1006 + 11)                        # exactly rcv_nxt
+        await asyncio.wait_for(eof.wait(), 10)
+        assert stack.counters["tcp reset by guest"] == 1
+        await settle(lambda: not stack.tcp.conns)
+
+    run(body)
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_fin_ahead_of_a_gap_is_taken_when_the_gap_fills(with_data):
+    """The guest's FIN arrives before data it follows (with the last data, or alone): it
+    is remembered, and taken (host EOF, ACK past it) once the missing bytes arrive."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        if with_data:
+            guest.send(n.ACK | n.PSH | n.FIN, b"world", seq=1006)
+            end = 1011
+        else:
+            guest.send(n.ACK | n.FIN, seq=1006)
+            end = 1006
+        dup = await guest.expect(lambda p: p.flags & n.ACK)
+        assert dup.ack == 1001                                  # the gap is reported
+        assert _conn(stack).state == tcp.ESTABLISHED and not eof.is_set()
+        guest.send(n.ACK | n.PSH, b"hello", seq=1001)           # fills the gap
+        await asyncio.wait_for(eof.wait(), 10)
+        assert bytes(received) == (b"helloworld" if with_data else b"hello")
+        await guest.expect(lambda p: p.ack == end + 1)
+        assert _conn(stack).state == tcp.CLOSE_WAIT
+
+    run(body)
+
+
+def test_small_data_gets_a_delayed_ack_when_the_host_stays_quiet():
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.port.out.clear()
+        guest.send(n.ACK | n.PSH, b"GET")
+        ack = await guest.expect(lambda p: p.flags & n.ACK)
+        assert ack.ack == 1004 and ack.payload_len == 0
+
+    run(body)
+
+
+def test_syn_reusing_a_time_wait_pair_opens_a_new_flow():
+    """We closed first (TIME_WAIT here, not in the guest), so the guest may reuse the
+    port pair at once: a SYN with a newer sequence number ends TIME_WAIT early."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        await settle(lambda: writers)
+        writers[0].close()                                      # the host closes first
+        fin = await guest.expect(lambda p: p.flags & n.FIN)
+        guest.ack = fin.seq + 1
+        guest.send(n.ACK | n.FIN)
+        await settle(lambda: _conn(stack).state == tcp.TIME_WAIT)
+        old = _conn(stack)
+        guest.send(n.SYN, seq=50000, mss=1460)
+        synack = await guest.expect(lambda p: p.flags == n.SYN | n.ACK)
+        assert synack.ack == 50001 and old.state == tcp.CLOSED
+        assert _conn(stack).state == tcp.SYN_RCVD
+
+    run(body)
+
+
+def test_syns_go_first_in_a_batch_unless_their_flow_has_other_frames():
+    b = n.Builder(GUEST_MAC)
+    cfg = NetConfig()
+
+    def seg(sport, flags):
+        return n.parse(bytes(b.tcp(cfg.guest, sport, cfg.alias, 80, 1, 1, flags, 100)))
+
+    from pyhv.net.stack import syns_first
+    fin, syn, other = seg(1000, n.FIN | n.ACK), seg(1001, n.SYN), seg(1002, n.ACK)
+    assert syns_first([fin, other, syn]) == [syn, fin, other]
+    same = seg(1001, n.ACK)
+    assert syns_first([same, syn]) == [same, syn]

@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 
 from hvcore import netpkt
-from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
+from hvcore.netpkt import ACK, ARP, FIN, FRAGMENT, IPV4, OTHER, RST, SYN
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
@@ -18,6 +18,7 @@ from pyhv.net.tcp import DELACK, TIME_WAIT
 BROADCAST_MAC = 0xFFFFFFFFFFFF
 log = logging.getLogger(__name__)
 HELD_MAX = 64
+SYN_MASK = SYN | ACK | RST | FIN
 
 
 class Stack:
@@ -70,9 +71,11 @@ class Stack:
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
         parse, vnet, builder, conns = netpkt.parse, self.vnet, self.builder, self.tcp.conns
-        for frame in frames:
+        pkts = [parse(frame, vnet) for frame in frames]
+        if len(pkts) > 1:
+            pkts = syns_first(pkts)
+        for pkt in pkts:
             try:
-                pkt = parse(frame, vnet)
                 if pkt.kind == IPV4 and pkt.proto == 6 and pkt.ttl > 1 and \
                         pkt.mac_src == builder.guest_mac:
                     conn = conns.get((pkt.src, pkt.sport, pkt.dst, pkt.dport))
@@ -229,3 +232,22 @@ class Stack:
 
 def netpkt_ipstr(value: int) -> str:
     return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+
+
+def _is_syn(pkt) -> bool:
+    return pkt.kind == IPV4 and pkt.proto == 6 and pkt.flags & SYN_MASK == SYN
+
+
+def syns_first(pkts: list) -> list:
+    """The batch with new connections' SYNs moved to the front: a guest that closes one
+    connection and opens the next sends FIN and SYN together, and the SYN-ACK (what the
+    guest waits for) should not wait behind the old flow's close. Frames of one flow keep
+    their order: when a SYN shares its flow with another frame of the batch, nothing moves."""
+    syns = [p for p in pkts if _is_syn(p)]
+    if not syns or len(syns) == len(pkts):
+        return pkts
+    others = [p for p in pkts if not _is_syn(p)]
+    keys = {(p.src, p.sport, p.dst, p.dport) for p in others if p.kind == IPV4}
+    if any((p.src, p.sport, p.dst, p.dport) in keys for p in syns):
+        return pkts
+    return syns + others

@@ -42,6 +42,15 @@ def unwrap(value: int, ref: int) -> int:
 
 
 class TcpConn:
+    __slots__ = ("nat", "stack", "builder", "loop", "rcv_cap", "snd_cap", "key", "guest",
+                 "gport", "peer", "pport", "state", "iss", "snd_una", "snd_nxt", "snd_wnd",
+                 "snd_wscale", "rcv_wscale", "sbuf", "s_head", "s_tail", "fin_queued",
+                 "fin_seq", "irs", "rcv_nxt", "rcv_adv", "rcv_fin", "reasm", "mss", "host",
+                 "host_paused", "into_scratch", "connect_dest", "connect_timer", "rto",
+                 "rto_deadline", "rto_handle", "retries", "dupacks", "rtt_seq", "rtt_time",
+                 "srtt", "rttvar", "last_ack", "last_wnd", "output_scheduled", "seen",
+                 "bytes_to_host", "bytes_to_guest", "syn_head", "on_close", "__weakref__")
+
     def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
         self.nat, self.stack = nat, nat.stack
         self.builder = nat.stack.builder
