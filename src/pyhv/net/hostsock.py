@@ -140,6 +140,7 @@ class HostSocket:
             self._read()
 
     def _read(self) -> None:
+        """Read until a short read (or EOF, or the flow pauses), then let the flow send."""
         conn = self.conn
         while self.reading and self.readable:
             buf = conn.host_buffer()
@@ -147,17 +148,18 @@ class HostSocket:
                 n = self.sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
                 self.readable = False
-                return
+                break
             except OSError as e:
                 self._failed(e)
                 return
             if not n:                           # EOF: our half stays open (half-close)
                 self.readable = self.reading = False
                 conn.host_eof()
-                return
+                break
             if n < len(buf) and not self.ended:  # a short read: nothing more for now
                 self.readable = False
             conn.host_data(n)
+        conn.host_read_done()
 
     # ---- writing
 

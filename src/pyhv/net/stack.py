@@ -82,6 +82,9 @@ class Stack:
                     if conn is not None and conn.state != TIME_WAIT:
                         conn.segment(pkt)
                         continue
+                    if conn is None and pkt.flags & SYN_MASK == SYN:
+                        self.tcp.segment(pkt)      # a new connection
+                        continue
                 self.packet(pkt)
             except Exception:               # a bug must cost one frame, not the service
                 self.counters["internal errors"] += 1
@@ -97,6 +100,13 @@ class Stack:
         self.delayed.add(conn)
         if self.delack_timer is None:
             self.delack_timer = self.loop.call_later(DELACK, self._delayed_acks)
+
+    def ack_sent(self, conn) -> None:
+        """`conn` sent its ACK with something else: no timer for nothing."""
+        self.delayed.discard(conn)
+        if not self.delayed and self.delack_timer is not None:
+            self.delack_timer.cancel()
+            self.delack_timer = None
 
     def _delayed_acks(self) -> None:
         self.delack_timer = None

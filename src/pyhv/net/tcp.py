@@ -48,7 +48,7 @@ class TcpConn:
                  "fin_seq", "irs", "rcv_nxt", "rcv_adv", "rcv_fin", "reasm", "mss", "host",
                  "host_paused", "into_scratch", "connect_dest", "connect_timer", "rto",
                  "rto_deadline", "rto_handle", "retries", "dupacks", "rtt_seq", "rtt_time",
-                 "srtt", "rttvar", "last_ack", "last_wnd", "output_scheduled", "seen",
+                 "srtt", "rttvar", "last_ack", "last_wnd", "seen",
                  "bytes_to_host", "bytes_to_guest", "syn_head", "on_close", "__weakref__")
 
     def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
@@ -85,7 +85,6 @@ class TcpConn:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.last_ack = self.last_wnd = -1
-        self.output_scheduled = False
         self.seen = self.loop.time()
         self.bytes_to_host = self.bytes_to_guest = 0
         self.syn_head = b""
@@ -102,17 +101,20 @@ class TcpConn:
         return min(self._wnd() >> self.rcv_wscale, 0xFFFF)
 
     def _sent_ack(self, wnd_field: int) -> None:
+        if self in self.stack.delayed:
+            self.stack.ack_sent(self)
         self.last_ack, self.last_wnd = self.rcv_nxt, wnd_field
         edge = self.rcv_nxt + (wnd_field << self.rcv_wscale)
         if edge > self.rcv_adv:
             self.rcv_adv = edge
 
-    def _segment(self, flags: int, seq: int | None = None, **options) -> None:
+    def _segment(self, flags: int, seq: int | None = None, mss: int = 0,
+                 wscale: int = -1) -> None:
         wnd = self._wnd_field() if not flags & SYN else min(self._wnd(), 0xFFFF)
         seq = self.snd_nxt if seq is None else seq
         self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest, self.gport,
-                                          seq & M32, self.rcv_nxt & M32, flags, wnd,
-                                          **options)])
+                                          seq & M32, self.rcv_nxt & M32, flags, wnd, None,
+                                          mss, wscale)])
         if flags & ACK:
             self._sent_ack(wnd if not flags & SYN else wnd >> self.rcv_wscale)
 
@@ -147,13 +149,10 @@ class TcpConn:
                                           self.snd_nxt & M32, self.rcv_nxt & M32, RST | ACK,
                                           0)])
 
-    def _syn_options(self) -> dict:
-        return {"mss": self.stack.cfg.mtu - 40,
-                "wscale": WSCALE if self.rcv_wscale or self.state == SYN_SENT else -1}
-
     def send_synack(self) -> None:
         self.state = SYN_RCVD
-        self._segment(SYN | ACK, seq=self.iss, **self._syn_options())
+        self._segment(SYN | ACK, self.iss, self.stack.cfg.mtu - 40,
+                      WSCALE if self.rcv_wscale else -1)
         self.snd_nxt = self.iss + 1
         self._arm()
 
@@ -161,20 +160,18 @@ class TcpConn:
         """Open the flow from our side (a port forward)."""
         self.state = SYN_SENT
         self.rcv_wscale = WSCALE
-        self._segment(SYN, seq=self.iss, **self._syn_options())
+        self._segment(SYN, self.iss, self.stack.cfg.mtu - 40, WSCALE)
         self.snd_nxt = self.iss + 1
         self._arm()
 
-    def _output_soon(self) -> None:
-        """Output once per loop iteration: host data and EOF read together leave in the
-        same frames (a short reply and its FIN in one segment)."""
-        if not self.output_scheduled:
-            self.output_scheduled = True
-            self.loop.call_soon(self._output)
+    def host_read_done(self) -> None:
+        """The host socket's reads of this event are done: what they brought (data and
+        EOF read together: a short reply and its FIN in one segment) goes out now."""
+        if self.s_tail != self.s_head or self.fin_queued and self.fin_seq is None:
+            self._output()
 
     def _output(self) -> None:
         """Send what the guest's window allows, with our FIN once everything is sent."""
-        self.output_scheduled = False
         if self.state not in (ESTABLISHED, CLOSE_WAIT):
             return
         data_end = self.snd_una + self.s_tail - self.s_head
@@ -384,7 +381,13 @@ class TcpConn:
                 self.srtt = 0.875 * self.srtt + 0.125 * sample
             self.rto = min(MAX_RTO, max(MIN_RTO, self.srtt + 4 * self.rttvar))
             self.rtt_seq = None
-        self.rto_deadline = None if ack == self.snd_nxt else now + self.rto
+        if ack == self.snd_nxt:                # all acknowledged: no timer left behind
+            self.rto_deadline = None           # (a short connection would otherwise wake
+            if self.rto_handle is not None:    # the loop once for nothing, INIT_RTO later)
+                self.rto_handle.cancel()
+                self.rto_handle = None
+        else:
+            self.rto_deadline = now + self.rto
         if self.host_paused and self.buffered < self.snd_cap // 2 and self.host is not None:
             self.host_paused = False
             self.host.start_reading()
@@ -524,11 +527,9 @@ class TcpConn:
         if self.s_tail - self.s_head >= self.snd_cap and not self.host_paused:
             self.host_paused = True
             self.host.stop_reading()
-        self._output_soon()
 
     def host_eof(self) -> None:
         self.fin_queued = True
-        self._output_soon()
 
     def host_lost(self, exc) -> None:
         """The host socket failed (reset, write error): it is closed already."""

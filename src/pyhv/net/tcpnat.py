@@ -14,6 +14,7 @@ FIFO and one timer (every flow waits the same time), not a timer each."""
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 from collections import Counter, deque
@@ -26,6 +27,7 @@ from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
 EPHEMERAL = (32768, 60999)
+WAIT_STEP = 0.1
 SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
@@ -104,7 +106,8 @@ class TcpNat:
         self.conns[key] = conn
         sock = None
         try:
-            sock = socket.socket(socket.AF_INET, SOCK_TYPE)
+            sock = _socket.socket(socket.AF_INET, SOCK_TYPE)   # (the C type: no
+                                                               # Python-level __init__)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(target)
             if err == errno.EINPROGRESS:
@@ -136,10 +139,11 @@ class TcpNat:
     def _connected(self, conn: TcpConn, sock) -> None:
         self.stack.counters["tcp connections"] += 1
         if conn.host is None:
+            conn.send_synack()                  # what the guest waits for goes first
             conn.host_connected(sock)
         else:
             conn.host.start_reading()
-        conn.send_synack()
+            conn.send_synack()
 
     def _connect_done(self, conn: TcpConn) -> None:
         """The socket of a connect in flight became writable: connected, or failed."""
@@ -231,8 +235,9 @@ class TcpNat:
             conn = waiting.popleft()[1]
             if conn.state == TIME_WAIT:
                 conn.finish()
-        if waiting:
-            self.wait_timer = self.stack.loop.call_at(waiting[0][0], self._expire)
+        if waiting:                             # (in steps of WAIT_STEP: one wakeup
+            self.wait_timer = self.stack.loop.call_at(  # ends many flows)
+                max(waiting[0][0], now + WAIT_STEP), self._expire)
 
     def stats(self) -> dict:
         conns = list(self.conns.values())
