@@ -70,7 +70,7 @@ class Poller:
 class HostSocket:
     __slots__ = ("poller", "loop", "sock", "fd", "conn", "wbuf", "reading", "readable",
                  "writing", "out_armed", "eof_pending", "closing", "blocked", "high", "low",
-                 "on_connect", "read_scheduled", "ended")
+                 "on_connect", "read_scheduled", "ended", "hangup")
 
     def __init__(self, poller: Poller, sock: socket.socket, conn, limit: int):
         self.poller, self.loop = poller, poller.loop
@@ -79,6 +79,7 @@ class HostSocket:
         self.reading = self.readable = self.writing = self.out_armed = False
         self.eof_pending = self.closing = self.blocked = self.read_scheduled = False
         self.ended = False          # EOF or an error is queued behind the data: read on
+        self.hangup = False         # the peer's FIN (no error) is: a short read ends it
         self.high, self.low = limit // 2, limit // 8    # window updates once drained to low
         self.on_connect = None
 
@@ -115,6 +116,7 @@ class HostSocket:
             self.readable = True
             if ev & END_EVENTS:
                 self.ended = True
+                self.hangup = not ev & EPOLLERR
             if self.reading:
                 self._read()
         if ev & EPOLLOUT and self.writing:
@@ -156,8 +158,14 @@ class HostSocket:
                 self.readable = self.reading = False
                 conn.host_eof()
                 break
-            if n < len(buf) and not self.ended:  # a short read: nothing more for now
-                self.readable = False
+            if n < len(buf):                    # a short read: nothing more for now,
+                if self.hangup:                 # and after the peer's FIN, nothing more
+                    self.readable = self.reading = False
+                    conn.host_data(n)
+                    conn.host_eof()
+                    break
+                if not self.ended:
+                    self.readable = False
             conn.host_data(n)
         conn.host_read_done()
 
