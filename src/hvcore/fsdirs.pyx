@@ -88,7 +88,7 @@ cdef Py_ssize_t readdir(NodeTable nodes, FileTable files, const fuse_in_header *
         if fd >= 0:
             files._unpin(rd.fh)
         return reply_header(out, h.unique, EBADF, ohdr)
-    dev = nodes.nodes[slot].dev           # pinned by the open directory: stable
+    dev = nodes._peek(slot).dev
     pthread_mutex_lock(&_listing)
     if lseek(fd, <int64_t>rd.offset, 0) < 0:
         err = errno

@@ -314,7 +314,7 @@ cdef class FastPath:
         cdef int32_t s = self.nodes._pin(h.nodeid, &fd, &err)
         if s < 0:
             return reply_header(out, h.unique, err, ohdr)
-        cdef uint32_t kind = self.nodes.nodes[s].mode
+        cdef uint32_t kind = self.nodes._peek(s).mode
         if kind == S_IFDIR or kind == S_IFLNK:
             self.nodes._unpin(s)
             return reply_header(out, h.unique, EISDIR if kind == S_IFDIR else ELOOP, ohdr)
@@ -405,7 +405,7 @@ cdef class FastPath:
             return 0
         cdef int32_t s = self.files._node_of((<const fuse_flush_in *>(
             req + sizeof(fuse_in_header))).fh)
-        if s < 0 or self.nodes.nodes[s].pyheld:     # POSIX locks to drop: Python's
+        if s < 0 or self.nodes._peek(s).pyheld:     # POSIX locks to drop: Python's
             return 0
         return reply_header(out, h.unique, 0, sizeof(fuse_out_header))
 
@@ -418,7 +418,7 @@ cdef class FastPath:
         if n < <Py_ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_release_in)):
             return 0
         s = self.files._node_of(r.fh)
-        if s < 0 or self.nodes.nodes[s].pyheld:
+        if s < 0 or self.nodes._peek(s).pyheld:
             return 0
         st.st_size = -1
         if not self.files._remove(r.fh, &st if self.watching else NULL, &written, &s):

@@ -85,3 +85,4 @@ cdef class NodeTable:
     cdef int _lookup_fd(self, int pfd, const char *name, stat *st, uint64_t *nodeid,
                         int32_t *slot) noexcept nogil
     cdef bint _known(self, uint64_t dev, uint64_t ino) noexcept nogil
+    cdef Node _peek(self, int32_t slot) noexcept nogil

@@ -496,6 +496,14 @@ cdef class NodeTable:
         nodeid[0] = self._adopt(<int>fd, st, &err, &new, slot)
         return err
 
+    cdef Node _peek(self, int32_t slot) noexcept nogil:
+        """A copy of a pinned slot's node (the array may move when another thread grows it,
+        so nothing reads it outside the lock)."""
+        pthread_mutex_lock(&self.lock)
+        cdef Node n = self.nodes[slot]
+        pthread_mutex_unlock(&self.lock)
+        return n
+
     cdef bint _known(self, uint64_t dev, uint64_t ino) noexcept nogil:
         pthread_mutex_lock(&self.lock)
         cdef bint r = self._find_key(dev, ino) >= 0

@@ -8,8 +8,9 @@ OSError carrying EINVAL, ENAMETOOLONG, ... and the request's `unique` when it wa
 and never reads past the buffer. Encoders build whole replies (`*_reply`, header included)
 or, for data replies, the 16-byte `header()` to send before the data.
 
-Attributes are encoded from `hvcore.fsops.Stat` (fstatat with nanosecond times); the
-system calls themselves (lookups, listings, handles, ...) live in `hvcore.fsops`.
+Attributes are encoded from `hvcore.fsops.Stat` (fstatat with nanosecond times) with the
+layout in `hvcore.fsattr`, which the C fast path (`hvcore.fsfast`) writes too; the system
+calls themselves (lookups, listings, handles, ...) live in `hvcore.fsops`.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -18,6 +19,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memchr, memcpy, memset
 
 from hvcore.includes.fuse cimport *
+from hvcore.fsattr cimport fill_attr_st, split_time
 from hvcore.fsops cimport Stat
 
 KERNEL_MINOR = FUSE_KERNEL_MINOR_VERSION
@@ -301,42 +303,8 @@ def error_reply(uint64_t unique, int err) -> bytes:
     return out
 
 
-cdef inline void split_time(double seconds, uint64_t *sec, uint32_t *nsec) noexcept nogil:
-    if seconds <= 0:
-        sec[0] = 0
-        nsec[0] = 0
-        return
-    sec[0] = <uint64_t>seconds
-    nsec[0] = <uint32_t>((seconds - <double>sec[0]) * 1e9)
-
-
-cdef void fill_attr(fuse_attr *a, Stat s, uint32_t uid, uint32_t gid) noexcept:
-    a.ino = s.st.st_ino
-    a.size = s.st.st_size
-    a.blocks = s.st.st_blocks
-    a.atime = s.st.st_atim.tv_sec
-    a.mtime = s.st.st_mtim.tv_sec
-    a.ctime = s.st.st_ctim.tv_sec
-    a.atimensec = s.st.st_atim.tv_nsec
-    a.mtimensec = s.st.st_mtim.tv_nsec
-    a.ctimensec = s.st.st_ctim.tv_nsec
-    a.mode = s.st.st_mode
-    a.nlink = <uint32_t>s.st.st_nlink
-    a.uid = uid
-    a.gid = gid
-    # new_encode_dev: the 32-bit rdev form the FUSE client decodes
-    a.rdev = <uint32_t>((_minor(s.st.st_rdev) & 0xff) | (_major(s.st.st_rdev) << 8)
-                        | ((_minor(s.st.st_rdev) & ~0xff) << 12))
-    a.blksize = <uint32_t>s.st.st_blksize
-    a.flags = 0
-
-
-cdef inline uint64_t _major(uint64_t dev) noexcept nogil:
-    return ((dev >> 8) & 0xfff) | ((dev >> 32) & ~<uint64_t>0xfff)
-
-
-cdef inline uint64_t _minor(uint64_t dev) noexcept nogil:
-    return (dev & 0xff) | ((dev >> 12) & ~<uint64_t>0xff)
+cdef inline void fill_attr(fuse_attr *a, Stat s, uint32_t uid, uint32_t gid) noexcept:
+    fill_attr_st(a, &s.st, uid, gid)      # one layout for Python replies and the fast path
 
 
 cdef void fill_entry(fuse_entry_out *e, uint64_t nodeid, uint64_t generation, Stat s,
