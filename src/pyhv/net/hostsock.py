@@ -212,7 +212,8 @@ class HostSocket:
                 return
         if self.blocked and len(self.wbuf) <= self.low:
             self.blocked = False
-            self.conn.window_update()
+            if self.conn is not None:           # (None: closing, the flow is gone)
+                self.conn.window_update()
 
     def write_eof(self) -> None:
         """Our half of the host connection ends once what waits is written."""

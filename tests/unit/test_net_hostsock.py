@@ -1,0 +1,120 @@
+"""HostSocket and its edge-triggered Poller on real TCP socket pairs (loopback): reads up
+to EOF in one event, a write backlog that drains (and a graceful close that waits for it),
+a reset noticed while the flow does not read."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from pyhv.net.hostsock import HostSocket, Poller
+
+
+class FakeConn:
+    """The TcpConn side: reads land in `got`."""
+
+    def __init__(self):
+        self.buf = bytearray(1 << 16)
+        self.got = bytearray()
+        self.eof = False
+        self.lost: OSError | None = None
+        self.updates = 0
+
+    def host_buffer(self) -> memoryview:
+        return memoryview(self.buf)
+
+    def host_data(self, n: int) -> None:
+        self.got += self.buf[:n]
+
+    def host_eof(self) -> None:
+        self.eof = True
+
+    def host_read_done(self) -> None:
+        pass
+
+    def host_lost(self, exc) -> None:
+        self.lost = exc
+
+    def window_update(self) -> None:
+        self.updates += 1
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def run(body) -> None:
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as srv:   # a TCP pair on loopback
+            ours = socket.create_connection(srv.getsockname())
+            peer, _ = srv.accept()
+        ours.setblocking(False)
+        poller = Poller(asyncio.get_running_loop())
+        conn = FakeConn()
+        hs = HostSocket(poller, ours, conn, 1 << 20)
+        try:
+            await body(hs, conn, peer)
+        finally:
+            hs.abort()
+            peer.close()
+            poller.close()
+
+    asyncio.run(main())
+
+
+def test_data_and_eof_arrive_once_reading_starts():
+    async def body(hs, conn, peer):
+        peer.sendall(b"reply")
+        peer.shutdown(socket.SHUT_WR)
+        hs.register(reading=False)
+        await asyncio.sleep(0.05)
+        assert not conn.got                     # not reading yet (a forward's flow)
+        hs.start_reading()
+        await until(lambda: conn.eof)
+        assert bytes(conn.got) == b"reply"
+
+    run(body)
+
+
+def test_write_backlog_drains_and_close_waits_for_it():
+    data = bytes(range(256)) * 40000            # ~10 MB: more than the socket buffers
+
+    async def body(hs, conn, peer):
+        hs.register(reading=True)
+        hs.write(data)
+        assert hs.pending > 0 and hs.blocked
+        hs.close()                              # graceful: the backlog still goes
+        peer.setblocking(False)
+        got = bytearray()
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await loop.sock_recv(peer, 1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        assert bytes(got) == data
+        assert hs.fd == -1
+
+    run(body)
+
+
+@pytest.mark.parametrize("then_write", [False, True])
+def test_reset_while_not_reading_reaches_the_flow(then_write):
+    async def body(hs, conn, peer):
+        hs.register(reading=False)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        if then_write:
+            await asyncio.sleep(0.05)
+            hs.write(b"x" * 100000)
+        await until(lambda: conn.lost is not None)
+        assert hs.fd == -1
+
+    run(body)
