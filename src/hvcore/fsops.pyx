@@ -230,34 +230,6 @@ def open_beneath(int dirfd, bytes name not None, int flags, int mode=0) -> int:
     return fd
 
 
-def lookup_at(int dirfd, bytes name not None, int flags, bint want_handle) -> tuple:
-    """A whole lookup in one release of the GIL: `open_beneath(dirfd, name, flags)`, the
-    descriptor's stat and, with `want_handle`, its file handle. Returns `(fd, Stat, mount_id,
-    handle)`; handle is None when not wanted or the file system has none."""
-    cdef Stat s = Stat.__new__(Stat)
-    cdef uint64_t hbuf[HANDLE_WORDS]
-    cdef file_handle *h = <file_handle *>hbuf
-    cdef const char *p = name
-    cdef int mount_id = 0, err = 0, herr = 1
-    cdef long fd
-    h.handle_bytes = HANDLE_MAX
-    with nogil:
-        fd = _open_beneath(dirfd, p, flags, 0, &err)
-        if fd >= 0:
-            if fstatat(<int>fd, "", &s.st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
-                err = errno
-                close(<int>fd)
-                fd = -1
-            elif want_handle:
-                herr = name_to_handle_at(<int>fd, "", h, &mount_id, AT_EMPTY_PATH)
-    if fd < 0:
-        raise OSError(err, _os.strerror(err))
-    handle = None
-    if want_handle and herr == 0 and h.handle_bytes <= HANDLE_MAX:
-        handle = PyBytes_FromStringAndSize(<const char *>hbuf, HANDLE_HEADER + h.handle_bytes)
-    return fd, s, mount_id, handle
-
-
 def chown_fd(int fd, uint32_t uid, uint32_t gid) -> None:
     """fchownat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW): works on O_PATH descriptors and
     changes a symlink itself. -1 (0xffffffff) leaves that id unchanged."""
