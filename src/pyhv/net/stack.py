@@ -43,6 +43,7 @@ class Stack:
         self.tcp = TcpNat(self)
         self.ack_pending: set = set()
         self.delayed: set = set()           # flows owing a delayed ACK
+        self.deferred: list = []            # and work that can wait as long
         self.delack_timer = None
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
         self.last_arp = 0.0
@@ -58,6 +59,8 @@ class Stack:
     def close(self) -> None:
         if self.delack_timer is not None:
             self.delack_timer.cancel()
+        for callback in self.deferred:
+            callback()
         self.tcp.close()
         self.udp.close()
         self.icmp.close()
@@ -99,20 +102,30 @@ class Stack:
         """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
         self.delayed.add(conn)
         if self.delack_timer is None:
-            self.delack_timer = self.loop.call_later(DELACK, self._delayed_acks)
+            self.delack_timer = self.loop.call_later(DELACK, self._later)
+
+    def defer(self, callback) -> None:
+        """Run `callback` with the delayed ACKs: work nobody waits for (closing a finished
+        flow's host socket) leaves the path of the next connection's handshake."""
+        self.deferred.append(callback)
+        if self.delack_timer is None:
+            self.delack_timer = self.loop.call_later(DELACK, self._later)
 
     def ack_sent(self, conn) -> None:
         """`conn` sent its ACK with something else: no timer for nothing."""
         self.delayed.discard(conn)
-        if not self.delayed and self.delack_timer is not None:
+        if not self.delayed and not self.deferred and self.delack_timer is not None:
             self.delack_timer.cancel()
             self.delack_timer = None
 
-    def _delayed_acks(self) -> None:
+    def _later(self) -> None:
         self.delack_timer = None
         delayed, self.delayed = self.delayed, set()
+        deferred, self.deferred = self.deferred, []
         for conn in delayed:
             conn.delayed_ack()
+        for callback in deferred:
+            callback()
 
     def frame(self, frame: bytes) -> None:
         self.packet(netpkt.parse(frame, self.vnet))

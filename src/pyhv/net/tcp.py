@@ -47,8 +47,8 @@ class TcpConn:
                  "snd_wscale", "rcv_wscale", "sbuf", "s_head", "s_tail", "fin_queued",
                  "fin_seq", "irs", "rcv_nxt", "rcv_adv", "rcv_fin", "reasm", "mss", "host",
                  "host_paused", "into_scratch", "connect_dest", "connect_timer", "rto",
-                 "rto_deadline", "rto_handle", "retries", "dupacks", "rtt_seq", "rtt_time",
-                 "srtt", "rttvar", "last_ack", "last_wnd", "seen",
+                 "rto_deadline", "rto_handle", "rto_pending", "retries", "dupacks",
+                 "rtt_seq", "rtt_time", "srtt", "rttvar", "last_ack", "last_wnd", "seen",
                  "bytes_to_host", "bytes_to_guest", "syn_head", "on_close", "__weakref__")
 
     def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
@@ -79,6 +79,7 @@ class TcpConn:
         self.rto = INIT_RTO
         self.rto_deadline: float | None = None
         self.rto_handle = None
+        self.rto_pending = False
         self.retries = self.dupacks = 0
         self.rtt_seq: int | None = None
         self.rtt_time = 0.0
@@ -212,10 +213,20 @@ class TcpConn:
     # ---- timers
 
     def _arm(self, keep: bool = False) -> None:
+        """Set the retransmission deadline. The loop timer for it is made a moment later
+        (Stack.defer, >= 1 ms before any RTO): usually the ACK has come by then and no
+        timer is needed at all."""
         if keep and self.rto_deadline is not None:
             return
         self.rto_deadline = self.loop.time() + self.rto
-        if self.rto_handle is None:
+        if self.rto_handle is None and not self.rto_pending:
+            self.rto_pending = True
+            self.stack.defer(self._start_timer)
+
+    def _start_timer(self) -> None:
+        self.rto_pending = False
+        if self.rto_deadline is not None and self.rto_handle is None and \
+                self.state != CLOSED:
             self.rto_handle = self.loop.call_at(self.rto_deadline, self._timer)
 
     def _timer(self) -> None:
@@ -458,8 +469,10 @@ class TcpConn:
                 self.state = CLOSE_WAIT
             elif self.state == FIN_WAIT_1:
                 self.state = CLOSING
-            else:
-                self._time_wait()
+            else:                              # the last segment of the flow: its ACK
+                self._time_wait(lazy=True)     # and the host socket's close can wait a
+                self.stack.delay_ack(self)     # moment (the guest already opens its next
+                return                         # connection, whose SYN goes first)
             self.ack_now()
 
     def _to_host(self, data) -> None:
@@ -553,11 +566,14 @@ class TcpConn:
         self._abort_host()
         self.finish()
 
-    def _time_wait(self) -> None:
+    def _time_wait(self, lazy: bool = False) -> None:
         self.state = TIME_WAIT
         self.rto_deadline = None
         if self.host is not None:
-            self.host.close()
+            if lazy:
+                self.stack.defer(self.host.close)
+            else:
+                self.host.close()
         self.nat.time_wait(self)
 
     def finish(self) -> None:
