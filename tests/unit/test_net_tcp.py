@@ -421,6 +421,8 @@ def test_syn_reusing_a_time_wait_pair_opens_a_new_flow():
         guest.send(n.ACK | n.FIN)
         await settle(lambda: _conn(stack).state == tcp.TIME_WAIT)
         old = _conn(stack)
+        await guest.expect(lambda p: p.ack == 1002 and not p.flags & n.FIN)   # a moment
+        await settle(lambda: old.host.fd == -1)      # later: the ACK, the host socket closed
         guest.send(n.SYN, seq=50000, mss=1460)
         synack = await guest.expect(lambda p: p.flags == n.SYN | n.ACK)
         assert synack.ack == 50001 and old.state == tcp.CLOSED
