@@ -107,9 +107,7 @@ class TcpNat:
         sock = None
         try:
             sock = _socket.socket(socket.AF_INET, SOCK_TYPE)   # (the C type: no
-                                                               # Python-level __init__)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(target)
+            err = sock.connect_ex(target)                      # Python-level __init__)
             if err == errno.EINPROGRESS:
                 try:
                     sock.getpeername()          # connected already (loopback, LAN)
@@ -144,6 +142,10 @@ class TcpNat:
         else:
             conn.host.start_reading()
             conn.send_synack()
+        try:                                    # guest segments go out as they come
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     def _connect_done(self, conn: TcpConn) -> None:
         """The socket of a connect in flight became writable: connected, or failed."""
