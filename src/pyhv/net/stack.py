@@ -44,6 +44,7 @@ class Stack:
         self.ack_pending: set = set()
         self.delayed: set = set()           # flows owing a delayed ACK
         self.deferred: list = []            # and work that can wait as long
+        self.host_written = False           # this batch wrote to a host socket
         self.delack_timer = None
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
         self.last_arp = 0.0
@@ -97,6 +98,10 @@ class Stack:
             pending, self.ack_pending = self.ack_pending, set()
             for conn in pending:
                 conn.flush_ack()
+        if self.host_written:               # a host now works on what we wrote: deferred
+            self.host_written = False       # work runs while we wait for its answer
+            if self.deferred:
+                self._run_deferred()
 
     def delay_ack(self, conn) -> None:
         """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
@@ -105,8 +110,10 @@ class Stack:
             self.delack_timer = self.loop.call_later(DELACK, self._later)
 
     def defer(self, callback) -> None:
-        """Run `callback` with the delayed ACKs: work nobody waits for (closing a finished
-        flow's host socket) leaves the path of the next connection's handshake."""
+        """Run `callback` with the delayed ACKs, or sooner once a batch of guest frames
+        gave a host socket work (we wait for its answer then): work nobody waits for
+        (a finished flow's last ACK, closing its host socket) leaves the path of the
+        next connection's handshake."""
         self.deferred.append(callback)
         if self.delack_timer is None:
             self.delack_timer = self.loop.call_later(DELACK, self._later)
@@ -121,9 +128,12 @@ class Stack:
     def _later(self) -> None:
         self.delack_timer = None
         delayed, self.delayed = self.delayed, set()
-        deferred, self.deferred = self.deferred, []
         for conn in delayed:
             conn.delayed_ack()
+        self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
         for callback in deferred:
             callback()
 

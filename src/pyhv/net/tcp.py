@@ -471,8 +471,8 @@ class TcpConn:
                 self.state = CLOSING
             else:                              # the last segment of the flow: its ACK
                 self._time_wait(lazy=True)     # and the host socket's close can wait a
-                self.stack.delay_ack(self)     # moment (the guest already opens its next
-                return                         # connection, whose SYN goes first)
+                self.stack.defer(self.delayed_ack)   # moment (the guest already opens
+                return                         # its next connection, whose SYN goes first)
             self.ack_now()
 
     def _to_host(self, data) -> None:
@@ -481,6 +481,7 @@ class TcpConn:
             return
         self.host.write(data)
         self.bytes_to_host += len(data)
+        self.stack.host_written = True
 
     # ---- host socket events
 
