@@ -22,6 +22,7 @@ class FakeConn:
         self.eof = False
         self.lost: OSError | None = None
         self.updates = 0
+        self.aborted = False
 
     def host_buffer(self) -> memoryview:
         return memoryview(self.buf)
@@ -40,6 +41,9 @@ class FakeConn:
 
     def window_update(self) -> None:
         self.updates += 1
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 async def until(cond, timeout: float = 10.0) -> None:
@@ -118,3 +122,40 @@ def test_reset_while_not_reading_reaches_the_flow(then_write):
         assert hs.fd == -1
 
     run(body)
+
+
+def test_a_failing_handler_costs_its_flow_only():
+    """Edge-triggered events are reported once: a handler that raises must not lose the
+    other events of the batch."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        counters: dict = {}
+        poller = Poller(loop, counters)
+        pairs, conns, socks = [], [], []
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            for _ in range(2):
+                ours = socket.create_connection(srv.getsockname())
+                peer, _ = srv.accept()
+                ours.setblocking(False)
+                pairs.append((ours, peer))
+        for i, (ours, _peer) in enumerate(pairs):
+            conn = FakeConn()
+            if i == 0:
+                def boom(n):
+                    raise RuntimeError("a bug")
+                conn.host_data = boom
+            hs = HostSocket(poller, ours, conn, 1 << 20)
+            hs.register(reading=True)
+            conns.append(conn)
+            socks.append(hs)
+        for _, peer in pairs:
+            peer.sendall(b"data")
+        await until(lambda: bytes(conns[1].got) == b"data")
+        assert counters["internal errors"] == 1 and socks[0].fd == -1 and conns[0].aborted
+        for hs in socks:
+            hs.abort()
+        for _, peer in pairs:
+            peer.close()
+        poller.close()
+
+    asyncio.run(main())

@@ -17,11 +17,13 @@ never from inside a call the flow is making."""
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import struct
 
+log = logging.getLogger(__name__)
 LINGER_RST = struct.pack("ii", 1, 0)
 EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR,
                                          select.EPOLLHUP)
@@ -32,10 +34,13 @@ MAX_EVENTS = 256
 
 
 class Poller:
-    """One epoll set for all flow sockets, watched by the event loop as one reader."""
+    """One epoll set for all flow sockets, watched by the event loop as one reader.
+    Edge-triggered: an event not handled is not reported again, so a bug in one flow's
+    handler costs that flow (reset), never the other events of the batch."""
 
-    def __init__(self, loop):
+    def __init__(self, loop, counters=None):
         self.loop = loop
+        self.counters = counters if counters is not None else {}
         self.ep = select.epoll()
         self.socks: dict[int, HostSocket] = {}
         loop.add_reader(self.ep.fileno(), self._ready)
@@ -60,7 +65,22 @@ class Poller:
         for fd, ev in self.ep.poll(0, MAX_EVENTS):
             hs = socks.get(fd)
             if hs is not None:                 # (events of a socket closed meanwhile: none)
-                hs.events(ev)
+                try:
+                    hs.events(ev)
+                except Exception:
+                    self._internal_error(hs)
+
+    def _internal_error(self, hs: HostSocket) -> None:
+        n = self.counters["internal errors"] = self.counters.get("internal errors", 0) + 1
+        if n == 1:
+            log.exception("pyhv net: internal error on a host socket event (flow reset)")
+        conn = hs.conn
+        hs.abort()
+        if conn is not None:
+            try:
+                conn.abort()
+            except Exception:
+                log.exception("pyhv net: cannot reset the flow")
 
     def close(self) -> None:
         self.loop.remove_reader(self.ep.fileno())

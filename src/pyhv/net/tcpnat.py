@@ -46,7 +46,7 @@ class TcpNat:
         self.wait_timer = None
 
     def start(self) -> None:
-        self.poller = Poller(self.stack.loop)
+        self.poller = Poller(self.stack.loop, self.stack.counters)
         self.sweeper = self.stack.loop.call_later(SWEEP, self._sweep)
 
     def remove(self, conn: TcpConn) -> None:
