@@ -129,13 +129,22 @@ class Stack:
         self.delack_timer = None
         delayed, self.delayed = self.delayed, set()
         for conn in delayed:
-            conn.delayed_ack()
+            self._guarded(conn.delayed_ack)
         self._run_deferred()
 
     def _run_deferred(self) -> None:
         deferred, self.deferred = self.deferred, []
         for callback in deferred:
+            self._guarded(callback)
+
+    def _guarded(self, callback) -> None:
+        """One deferred call: a bug costs that call, not the ones after it."""
+        try:
             callback()
+        except Exception:
+            self.counters["internal errors"] += 1
+            if self.counters["internal errors"] == 1:
+                log.exception("pyhv net: internal error in deferred work")
 
     def frame(self, frame: bytes) -> None:
         self.packet(netpkt.parse(frame, self.vnet))
