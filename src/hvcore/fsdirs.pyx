@@ -16,6 +16,7 @@ from posix.unistd cimport lseek
 
 from hvcore.fsattr cimport Times, IdAxis, fill_entry_st, reply_header
 from hvcore.fsfiles cimport FileTable
+from hvcore.fslookup cimport lookup_fd
 from hvcore.fsnodes cimport NodeTable
 from hvcore.includes.dirent cimport dirent64, getdents64
 from hvcore.includes.fcntl cimport openat
@@ -127,7 +128,7 @@ cdef Py_ssize_t readdir(NodeTable nodes, FileTable files, const fuse_in_header *
                 memset(e, 0, rec)               # a plain entry: nodeid 0, no attributes
                 e.dirent.ino = d.d_ino
             else:
-                if nodes._lookup_fd(fd, d.d_name, &st, &nodeid, NULL) != 0:
+                if lookup_fd(nodes, fd, d.d_name, &st, &nodeid, NULL) != 0:
                     continue                    # gone since getdents
                 memset(e, 0, rec)
                 fill_entry_st(&e.entry_out, nodeid, &st, t, u, g, h.uid, h.gid)

@@ -9,16 +9,14 @@ at INIT (cache timeouts, id maps, open flags, read-only, host watch) and it appl
 the Python handlers' semantics; anything they would treat specially (a name that is '.' or
 '..' or malformed, O_TRUNC with KILL_SUIDGID, an unmapped id, POSIX locks held on the inode,
 a read-only share's changes, a full table) returns 0 and goes to the Python handler instead.
-Names the server itself creates or removes are queued for the host watch (`take_expected`),
-so its inotify events are not echoed back as invalidations.
+Names the server itself creates or removes are recorded for the host watch (`own`, an
+`hvcore.fswatch.OwnChanges`), so its inotify events are not echoed back as invalidations.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, EISDIR, ELOOP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdio cimport snprintf
-from libc.stdlib cimport calloc, free
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_NOCTTY, O_DIRECT, O_CLOEXEC, O_TRUNC
 from posix.fcntl cimport O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR, O_APPEND, AT_FDCWD
 from posix.fcntl cimport open as c_open
@@ -29,10 +27,12 @@ from hvcore.fsattr cimport (fill_attr_st, fill_entry_st, split_time, reply_heade
                             IdAxis, to_guest, to_host)
 from hvcore.fsdirs cimport opendir, readdir
 from hvcore.fsfiles cimport FileTable
+from hvcore.fslookup cimport adopt, lookup
 from hvcore.fsnodes cimport NodeTable
 from hvcore.fsops cimport _open_beneath
-from hvcore.fssys cimport unlinkat, O_PATH
-from hvcore.includes.fcntl cimport AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, fchownat
+from hvcore.fswatch cimport OwnChanges
+from hvcore.includes.fcntl cimport (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, O_PATH,
+                                    fchownat, unlinkat)
 from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_entry_out,
                                    fuse_attr_out, fuse_open_out, fuse_open_in,
                                    fuse_create_in, fuse_release_in, fuse_flush_in,
@@ -43,8 +43,6 @@ from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_entry_o
                                    FUSE_OPENDIR, FUSE_READDIR, FUSE_READDIRPLUS,
                                    FUSE_RELEASEDIR, fuse_read_in)
 from hvcore.includes.stat cimport stat, fstatat
-from hvcore.includes.sys cimport (pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock)
 
 DEF NAME_MAX = 255
 DEF S_IFMT = 0o170000
@@ -55,16 +53,9 @@ DEF S_ISGID = 0o2000
 DEF OVERFLOW = 65534
 cdef uint32_t UNCHANGED = 0xFFFFFFFF
 DEF MAX_RANGES = 8           # IdAxis keeps this many
-DEF EXPECT_SLOTS = 1024
 DEF NO_REPLY = -1
 # flags a client may pass that make no sense on a reopen (as pyhv.share.data.DROP_FLAGS)
 cdef int DROP_FLAGS = O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT
-
-
-cdef struct Expect:
-    uint64_t parent
-    uint32_t len
-    char name[NAME_MAX + 1]
 
 
 cdef inline const char *_name(const uint8_t *req, Py_ssize_t off, Py_ssize_t n) noexcept nogil:
@@ -91,9 +82,7 @@ cdef class FastPath:
     cdef IdAxis uid
     cdef IdAxis gid
     cdef Times times
-    cdef Expect *expect
-    cdef int expect_head, expect_len
-    cdef pthread_mutex_t expect_lock
+    cdef public OwnChanges own          # the server's own changes, for the host watch
     cdef public bint enabled            # set once INIT is done
     cdef public bint readonly
     cdef public bint watching           # stamps and expected names for the host watch
@@ -106,15 +95,10 @@ cdef class FastPath:
     def __cinit__(self, NodeTable nodes not None, FileTable files not None):
         self.nodes = nodes
         self.files = files
-        pthread_mutex_init(&self.expect_lock, NULL)
-        self.expect = NULL
-
-    def __dealloc__(self):
-        free(self.expect)
-        pthread_mutex_destroy(&self.expect_lock)
 
     def configure(self, double entry_timeout, double attr_timeout, uint32_t open_flags,
-                  uint32_t dir_open_flags, uint32_t max_write, bint readonly, bint watching, bint writeback, bint chown_created) -> None:
+                  uint32_t dir_open_flags, uint32_t max_write, bint readonly, bint watching,
+                  bint writeback, bint chown_created) -> None:
         split_time(entry_timeout, &self.times.entry_sec, &self.times.entry_nsec)
         split_time(attr_timeout, &self.times.attr_sec, &self.times.attr_nsec)
         self.open_flags = open_flags
@@ -122,10 +106,6 @@ cdef class FastPath:
         self.max_write = max_write
         self.readonly, self.watching, self.writeback = readonly, watching, writeback
         self.chown_created = chown_created
-        if watching and self.expect == NULL:
-            self.expect = <Expect *>calloc(EXPECT_SLOTS, sizeof(Expect))
-            if self.expect == NULL:
-                raise MemoryError()
 
     def set_ids(self, int axis, int kind, uint32_t own, list ranges) -> bool:
         """One id axis (0 uid, 1 gid): kind 0 identity, 1 caller, 2 [(guest, host, count)].
@@ -138,35 +118,11 @@ cdef class FastPath:
             a.guest[i], a.host[i], a.count[i] = g, h, c
         return True
 
-    def take_expected(self) -> list:
-        """[(parent nodeid, name), ...] the fast path changed since the last call."""
-        cdef int i, k
-        out = []
-        if self.expect == NULL:
-            return out
-        pthread_mutex_lock(&self.expect_lock)
-        for i in range(self.expect_len):
-            k = (self.expect_head + EXPECT_SLOTS - self.expect_len + i) % EXPECT_SLOTS
-            out.append((self.expect[k].parent,
-                        PyBytes_FromStringAndSize(self.expect[k].name, self.expect[k].len)))
-        self.expect_len = 0
-        pthread_mutex_unlock(&self.expect_lock)
-        return out
-
     cdef void _expect_name(self, uint64_t parent, const char *name) noexcept nogil:
-        """The host watch will see an event for this name: it is ours (oldest lost first)."""
-        if not self.watching or self.expect == NULL:
-            return
-        cdef size_t length = <size_t>(<const char *>memchr(name, 0, NAME_MAX + 1) - name)
-        pthread_mutex_lock(&self.expect_lock)
-        cdef Expect *e = &self.expect[self.expect_head]
-        e.parent = parent
-        e.len = <uint32_t>length
-        memcpy(e.name, name, length)
-        self.expect_head = (self.expect_head + 1) % EXPECT_SLOTS
-        if self.expect_len < EXPECT_SLOTS:
-            self.expect_len += 1
-        pthread_mutex_unlock(&self.expect_lock)
+        """The host watch will see an event for this name: it is ours."""
+        if self.watching and self.own is not None:
+            self.own._add(parent, name,
+                          <size_t>(<const char *>memchr(name, 0, NAME_MAX + 1) - name))
 
     # --- replies ----------------------------------------------------------------------------
 
@@ -245,7 +201,7 @@ cdef class FastPath:
         cdef uint64_t nodeid = 0
         if name == NULL:
             return 0
-        cdef int err = self.nodes._lookup(h.nodeid, name, &st, &nodeid, NULL)
+        cdef int err = lookup(self.nodes, h.nodeid, name, &st, &nodeid, NULL)
         if err:
             return reply_header(out, h.unique, err, sizeof(fuse_out_header))
         return self._entry(out, h, nodeid, &st, 0)
@@ -386,7 +342,7 @@ cdef class FastPath:
                 close(opath)
             close(ffd)
             return reply_header(out, h.unique, err, ohdr)
-        cdef uint64_t nodeid = self.nodes._adopt(opath, &st, &err, &new, &s)
+        cdef uint64_t nodeid = adopt(self.nodes, opath, &st, &err, &new, &s)
         if nodeid == 0:
             close(ffd)
             return reply_header(out, h.unique, err, ohdr)

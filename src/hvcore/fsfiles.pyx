@@ -15,15 +15,15 @@ from libc.string cimport memset
 from posix.unistd cimport pread, pwrite, close
 
 from hvcore.fsattr cimport reply_header
-from hvcore.fssys cimport (pthread_mutexattr_t, pthread_mutexattr_init,
-                           pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
 from hvcore.includes.fcntl cimport AT_EMPTY_PATH
 from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_read_in,
                                    fuse_write_in, fuse_write_out, FUSE_READ, FUSE_WRITE,
                                    FUSE_WRITE_KILL_SUIDGID)
 from hvcore.includes.stat cimport stat, fstatat
 from hvcore.includes.sys cimport (pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock)
+                                  pthread_mutex_lock, pthread_mutex_unlock,
+                                  pthread_mutexattr_t, pthread_mutexattr_init,
+                                  pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
 
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 

@@ -58,14 +58,10 @@ cdef class NodeTable:
     cdef int32_t _pin(self, uint64_t nodeid, int *fd, int *err) noexcept nogil
     cdef void _unpin(self, int32_t slot) noexcept nogil
     cdef void _hold(self, int32_t slot) noexcept nogil
-    cdef uint64_t _adopt(self, int fd, const stat *st, int *err, bint *new,
-                         int32_t *slot) noexcept nogil
     cdef int _forget(self, uint64_t nodeid, uint64_t count, bint force) noexcept nogil
     cdef bint _pyheld(self, uint64_t nodeid, uint64_t count) noexcept nogil
     cdef int32_t _slot_of_pinned(self, uint64_t nodeid) noexcept nogil
     cdef void _set_stamp(self, int32_t slot, const stat *st) noexcept nogil
-    cdef int _lookup(self, uint64_t parent, const char *name, stat *st, uint64_t *nodeid,
-                     int32_t *slot) noexcept nogil
     cdef int _grow(self) noexcept nogil
     cdef int32_t _alloc(self) noexcept nogil
     cdef void _free(self, int32_t s) noexcept nogil
@@ -77,12 +73,9 @@ cdef class NodeTable:
     cdef void _unlink_key(self, int32_t s) noexcept nogil
     cdef int32_t _find_wd(self, int wd) noexcept nogil
     cdef void _lru_remove(self, int32_t s) noexcept nogil
-    cdef void _lru_append(self, int32_t s) noexcept nogil
-    cdef void _settle(self, int32_t s) noexcept nogil
-    cdef void _drop(self, int32_t s) noexcept nogil
-    cdef int _mount_fd(self, int mount_id, int fd, bint is_dir) noexcept nogil
+    cdef int _lru_append(self, int32_t s) noexcept nogil
+    cdef int _settle(self, int32_t s) noexcept nogil
+    cdef int _drop(self, int32_t s) noexcept nogil
     cdef void _close_all(self) noexcept nogil
-    cdef int _lookup_fd(self, int pfd, const char *name, stat *st, uint64_t *nodeid,
-                        int32_t *slot) noexcept nogil
     cdef bint _known(self, uint64_t dev, uint64_t ino) noexcept nogil
     cdef Node _peek(self, int32_t slot) noexcept nogil

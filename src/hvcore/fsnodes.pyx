@@ -8,35 +8,32 @@ gets a new nodeid), never reused; a lookup count the client's FORGETs take back.
 inode's O_PATH descriptor lives in a bounded LRU and is reopened with open_by_handle_at;
 without handles the descriptor is kept for the inode's life. A descriptor in use is pinned
 (requests, open files); a node forgotten while pinned is freed at its last unpin. Lookups
-are one component through openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
-RESOLVE_NO_MAGICLINKS) (`fsops._open_beneath`), exactly as the Python path did.
+and adopting new inodes are `hvcore.fslookup`'s; directory watches `hvcore.fswatch`'s.
 
-One mutex guards the table; system calls run outside it where they may block. Nodes live in
-one array (slots, found through chained hashes by nodeid, by (dev, ino) and by inotify wd).
+One mutex guards the table; system calls run outside it where they may block (descriptors
+are closed after it is released: the last close of a deleted file frees it on the host).
+Nodes live in one array (slots, found through chained hashes by nodeid, by (dev, ino) and by
+inotify wd).
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno, ENOENT, ENOMEM, ESTALE
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.stdio cimport snprintf
-from libc.stdlib cimport malloc, free, realloc, calloc
-from libc.string cimport memcmp, memcpy, memset
-from posix.fcntl cimport O_RDONLY, O_DIRECTORY, O_CLOEXEC
+from libc.errno cimport errno, ESTALE
+from libc.stdint cimport uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memcpy, memset
+from posix.fcntl cimport O_CLOEXEC
 from posix.unistd cimport close
 
-from hvcore.includes.fcntl cimport AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, openat
-from hvcore.includes.fhandle cimport file_handle, name_to_handle_at, open_by_handle_at
-from hvcore.includes.stat cimport stat, fstatat
+from hvcore.fsops cimport Stat
+from hvcore.includes.fcntl cimport O_NOFOLLOW, O_PATH
+from hvcore.includes.fhandle cimport file_handle, open_by_handle_at
+from hvcore.includes.inotify cimport inotify_rm_watch
 from hvcore.includes.sys cimport (pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock)
-from hvcore.fsops cimport Stat, _open_beneath
-from hvcore.fssys cimport (inotify_add_watch, inotify_rm_watch, O_PATH, pthread_mutexattr_t,
-                           pthread_mutexattr_init, pthread_mutexattr_settype,
-                           PTHREAD_MUTEX_ADAPTIVE_NP)
+                                  pthread_mutex_lock, pthread_mutex_unlock,
+                                  pthread_mutexattr_t, pthread_mutexattr_init,
+                                  pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
 
 import os as _os
 
-DEF HANDLE_MAX = 128
 DEF HANDLE_WORDS = 17
 DEF S_IFMT = 0o170000
 DEF S_IFDIR = 0o040000
@@ -229,9 +226,10 @@ cdef class NodeTable:
         n.in_lru = 0
         self.lru_len -= 1
 
-    cdef void _lru_append(self, int32_t s) noexcept nogil:
-        """Most recently used; then descriptors over capacity are closed (LRU first; pinned
-        ones leave the cache and close at their last unpin)."""
+    cdef int _lru_append(self, int32_t s) noexcept nogil:
+        """Most recently used; then descriptors over capacity leave the cache (LRU first;
+        pinned ones close at their last unpin): returns one for the caller to close once
+        the lock is released (-1: none), the rare others are closed here."""
         cdef Node *n = &self.nodes[s]
         if n.in_lru:
             self._lru_remove(s)
@@ -244,27 +242,34 @@ cdef class NodeTable:
         n.in_lru = 1
         self.lru_len += 1
         cdef int32_t old
+        cdef int evicted = -1
         while self.lru_len > self.capacity and self.lru_head >= 0:
             old = self.lru_head
             self._lru_remove(old)
             if self.nodes[old].pins == 0 and self.nodes[old].fd >= 0:
-                close(self.nodes[old].fd)
-                self.nodes[old].fd = -1
+                if evicted >= 0:
+                    close(evicted)
+                evicted, self.nodes[old].fd = self.nodes[old].fd, -1
+        return evicted
 
-    cdef void _settle(self, int32_t s) noexcept nogil:
-        """After an unpin or a drop: close what nobody uses any more, free dead slots."""
+    cdef int _settle(self, int32_t s) noexcept nogil:
+        """After an unpin or a drop: free dead slots; returns the descriptor nobody uses any
+        more (-1: none), for the caller to close after releasing the lock (closing a deleted
+        file's last descriptor frees the inode on the host: slow, and no reason to make
+        every other request wait)."""
         cdef Node *n = &self.nodes[s]
+        cdef int fd = -1
         if n.pins > 0:
-            return
+            return -1
         if n.dead:
-            if n.fd >= 0:
-                close(n.fd)
+            fd = n.fd
             self._free(s)
         elif n.fd >= 0 and n.handle_len and not n.in_lru:
-            close(n.fd)
-            n.fd = -1
+            fd, n.fd = n.fd, -1
+        return fd
 
-    cdef void _drop(self, int32_t s) noexcept nogil:
+    cdef int _drop(self, int32_t s) noexcept nogil:
+        """Forget a node (lock held): the descriptor to close after releasing it, or -1."""
         cdef Node *n = &self.nodes[s]
         self._unchain(&self.by_id[_mix(n.nodeid) & (self.nbuckets - 1)], s, 0)
         self._unlink_key(s)
@@ -275,7 +280,7 @@ cdef class NodeTable:
             n.wd = -1
         self._lru_remove(s)
         n.dead = 1
-        self._settle(s)
+        return self._settle(s)
 
     # --- operations (C) ----------------------------------------------------------------------
 
@@ -283,7 +288,7 @@ cdef class NodeTable:
         """The node's slot with its descriptor pinned in `fd` (reopened by handle when not
         cached), or -1 with `err` (ESTALE: unknown nodeid)."""
         cdef uint64_t hbuf[HANDLE_WORDS]
-        cdef int mfd, nfd
+        cdef int mfd, nfd, evicted = -1
         cdef Node *n
         pthread_mutex_lock(&self.lock)
         cdef int32_t s = self._find_id(nodeid)
@@ -295,9 +300,11 @@ cdef class NodeTable:
         if n.fd >= 0:
             n.pins += 1
             if n.handle_len:
-                self._lru_append(s)
+                evicted = self._lru_append(s)
             fd[0] = n.fd
             pthread_mutex_unlock(&self.lock)
+            if evicted >= 0:
+                close(evicted)
             return s
         memcpy(hbuf, n.handle, sizeof(hbuf))
         mfd = n.mount_fd
@@ -319,182 +326,26 @@ cdef class NodeTable:
         else:
             n.fd = nfd
         n.pins += 1
-        self._lru_append(s)
+        evicted = self._lru_append(s)
         fd[0] = self.nodes[s].fd
         pthread_mutex_unlock(&self.lock)
+        if evicted >= 0:
+            close(evicted)
         return s
 
     cdef void _unpin(self, int32_t slot) noexcept nogil:
         pthread_mutex_lock(&self.lock)
         self.nodes[slot].pins -= 1
-        self._settle(slot)
+        cdef int fd = self._settle(slot)
         pthread_mutex_unlock(&self.lock)
+        if fd >= 0:
+            close(fd)
 
     cdef void _hold(self, int32_t slot) noexcept nogil:
         """One more pin (an open file keeps its inode's descriptor until RELEASE)."""
         pthread_mutex_lock(&self.lock)
         self.nodes[slot].pins += 1
         pthread_mutex_unlock(&self.lock)
-
-    cdef int _mount_fd(self, int mount_id, int fd, bint is_dir) noexcept nogil:
-        """A descriptor on the mount `mount_id` (-1: none yet and `fd` is no directory)."""
-        cdef int i, mfd
-        pthread_mutex_lock(&self.lock)
-        for i in range(self.nmounts):
-            if self.mounts[i][0] == mount_id:
-                mfd = self.mounts[i][1]
-                pthread_mutex_unlock(&self.lock)
-                return mfd
-        pthread_mutex_unlock(&self.lock)
-        if not is_dir:
-            return -1
-        mfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if mfd < 0:
-            return -1
-        pthread_mutex_lock(&self.lock)
-        for i in range(self.nmounts):
-            if self.mounts[i][0] == mount_id:       # another thread was first
-                close(mfd)
-                mfd = self.mounts[i][1]
-                break
-        else:
-            if self.nmounts == 64:
-                close(mfd)
-                mfd = -1
-            else:
-                self.mounts[self.nmounts][0] = mount_id
-                self.mounts[self.nmounts][1] = mfd
-                self.nmounts += 1
-        pthread_mutex_unlock(&self.lock)
-        return mfd
-
-    cdef uint64_t _adopt(self, int fd, const stat *st, int *err, bint *new,
-                         int32_t *slot) noexcept nogil:
-        """Take ownership of an O_PATH descriptor of a looked-up or new inode and count one
-        lookup: its nodeid (0 with `err` on ENOMEM). `slot` is left pinned when not NULL."""
-        cdef uint64_t hbuf[HANDLE_WORDS]
-        cdef file_handle *h = <file_handle *>hbuf
-        cdef int mount_id = 0, mfd = -1
-        cdef uint32_t hlen = 0
-        cdef bint is_dir = (st.st_mode & S_IFMT) == S_IFDIR
-        cdef char path[40]
-        new[0] = 0
-        if self.use_handles:
-            h.handle_bytes = HANDLE_MAX
-            if (name_to_handle_at(fd, "", h, &mount_id, AT_EMPTY_PATH) == 0
-                    and h.handle_bytes <= HANDLE_MAX):
-                mfd = self._mount_fd(mount_id, fd, is_dir)
-                if mfd >= 0:
-                    hlen = 8 + h.handle_bytes
-        pthread_mutex_lock(&self.lock)
-        cdef int32_t s = self._find_key(st.st_dev, st.st_ino)
-        if (s >= 0 and self.nodes[s].handle_len and hlen
-                and (self.nodes[s].handle_len != hlen
-                     or memcmp(self.nodes[s].handle, hbuf, hlen) != 0)):
-            self._unlink_key(s)         # the inode number was reused: a new inode
-            s = -1
-        cdef Node *n
-        if s < 0:
-            s = self._alloc()
-            if s < 0:
-                pthread_mutex_unlock(&self.lock)
-                close(fd)
-                err[0] = ENOMEM
-                return 0
-            n = &self.nodes[s]
-            n.nodeid = self.next_nodeid
-            self.next_nodeid += 1
-            n.dev, n.ino, n.fd = st.st_dev, st.st_ino, fd
-            n.mode = st.st_mode & S_IFMT
-            n.handle_len, n.mount_fd = hlen, mfd
-            memcpy(n.handle, hbuf, hlen)
-            self._link(s)
-            fd = -1
-            new[0] = 1
-            if is_dir and self.inotify_fd >= 0:
-                snprintf(path, sizeof(path), "/proc/self/fd/%d", n.fd)
-                n.wd = inotify_add_watch(self.inotify_fd, path, self.inotify_mask)
-                if n.wd >= 0:
-                    self._link_wd(s)
-            if hlen:
-                self._lru_append(s)
-        else:
-            n = &self.nodes[s]
-            if n.handle_len and n.fd < 0:
-                n.fd, fd = fd, -1           # cache the descriptor we have
-                self._lru_append(s)
-        n = &self.nodes[s]
-        n.nlookup += 1
-        if slot != NULL:
-            n.pins += 1
-            slot[0] = s
-        cdef uint64_t nodeid = n.nodeid
-        pthread_mutex_unlock(&self.lock)
-        if fd >= 0:
-            close(fd)
-        return nodeid
-
-    cdef int _lookup(self, uint64_t parent, const char *name, stat *st, uint64_t *nodeid,
-                     int32_t *slot) noexcept nogil:
-        """One component below `parent`, never outside it, counted as one lookup: 0 or an
-        errno. `slot` (when not NULL) is left pinned."""
-        cdef int pfd = -1, err = 0
-        cdef int32_t ps = self._pin(parent, &pfd, &err)
-        if ps < 0:
-            return err
-        err = self._lookup_fd(pfd, name, st, nodeid, slot)
-        self._unpin(ps)
-        return err
-
-    cdef int _lookup_fd(self, int pfd, const char *name, stat *st, uint64_t *nodeid,
-                        int32_t *slot) noexcept nogil:
-        """`_lookup` below a directory descriptor the caller holds (an open directory).
-
-        A name whose inode the table holds with an open descriptor (the client revalidating
-        what it knows) takes one fstatat: `name` is one plain component (no '/', '.', '..')
-        and is not followed, so it cannot leave `pfd`, and an inode we hold open cannot have
-        had its number reused, so (st_dev, st_ino) names it; one held by handle only is the
-        same inode when name_to_handle_at(name) gives the same handle. Anything else is a
-        full lookup."""
-        cdef int err = 0, mount_id = 0
-        cdef bint new, handled = 0
-        cdef int32_t s
-        cdef uint64_t hbuf[HANDLE_WORDS]
-        cdef file_handle *h = <file_handle *>hbuf
-        if fstatat(pfd, name, st, AT_SYMLINK_NOFOLLOW) < 0:
-            if errno == ENOENT:
-                return ENOENT           # what openat2 would say (other errors: it says)
-        else:
-            pthread_mutex_lock(&self.lock)
-            s = self._find_key(st.st_dev, st.st_ino)
-            if s >= 0 and self.nodes[s].fd < 0 and self.nodes[s].handle_len:
-                # held by handle, descriptor evicted: the same inode iff the same handle
-                pthread_mutex_unlock(&self.lock)
-                h.handle_bytes = HANDLE_MAX
-                handled = (name_to_handle_at(pfd, name, h, &mount_id, 0) == 0
-                           and h.handle_bytes <= HANDLE_MAX)
-                pthread_mutex_lock(&self.lock)
-                s = self._find_key(st.st_dev, st.st_ino)
-                handled = (handled and s >= 0 and self.nodes[s].handle_len == 8 + h.handle_bytes
-                           and memcmp(self.nodes[s].handle, hbuf, 8 + h.handle_bytes) == 0)
-            if s >= 0 and (self.nodes[s].fd >= 0 or handled):
-                self.nodes[s].nlookup += 1
-                nodeid[0] = self.nodes[s].nodeid
-                if slot != NULL:
-                    self.nodes[s].pins += 1
-                    slot[0] = s
-                pthread_mutex_unlock(&self.lock)
-                return 0
-            pthread_mutex_unlock(&self.lock)
-        cdef long fd = _open_beneath(pfd, name, O_PATH_FLAGS, 0, &err)
-        if fd < 0:
-            return err
-        if fstatat(<int>fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0:
-            err = errno
-            close(<int>fd)
-            return err
-        nodeid[0] = self._adopt(<int>fd, st, &err, &new, slot)
-        return err
 
     cdef Node _peek(self, int32_t slot) noexcept nogil:
         """A copy of a pinned slot's node (the array may move when another thread grows it,
@@ -527,8 +378,10 @@ cdef class NodeTable:
             pthread_mutex_unlock(&self.lock)
             return -1
         n.nlookup = 0
-        self._drop(s)
+        cdef int fd = self._drop(s)
         pthread_mutex_unlock(&self.lock)
+        if fd >= 0:
+            close(fd)
         return 1
 
     cdef bint _pyheld(self, uint64_t nodeid, uint64_t count) noexcept nogil:
@@ -574,29 +427,6 @@ cdef class NodeTable:
         self.mounts[self.nmounts][1] = fd
         self.nmounts += 1
         pthread_mutex_unlock(&self.lock)
-
-    def lookup(self, uint64_t parent, bytes name not None) -> tuple:
-        """(nodeid, Stat) of `name` in `parent`, counted as one lookup."""
-        cdef Stat s = Stat.__new__(Stat)
-        cdef const char *p = name
-        cdef uint64_t nodeid = 0
-        cdef int err
-        with nogil:
-            err = self._lookup(parent, p, &s.st, &nodeid, NULL)
-        if err:
-            raise OSError(err, _os.strerror(err))
-        return nodeid, s
-
-    def adopt(self, int fd, Stat s not None) -> int:
-        """Own an O_PATH descriptor of a new (or looked-up) inode, +1 lookup: its nodeid."""
-        cdef int err = 0
-        cdef bint new
-        cdef uint64_t nodeid
-        with nogil:
-            nodeid = self._adopt(fd, &s.st, &err, &new, NULL)
-        if err:
-            raise OSError(err, _os.strerror(err))
-        return nodeid
 
     def forget(self, uint64_t nodeid, uint64_t count) -> bool:
         """Whether the node is gone now."""
@@ -660,31 +490,6 @@ cdef class NodeTable:
         if s >= 0:
             self.nodes[s].pyheld = held
         pthread_mutex_unlock(&self.lock)
-
-    def add_watch(self, uint64_t nodeid) -> int:
-        """Watch a directory node with `inotify_fd` (new directories get one in `_adopt`)."""
-        cdef int fd = -1, err = 0, wd
-        cdef char path[40]
-        cdef int32_t s = self._pin(nodeid, &fd, &err)
-        if s < 0:
-            return -1
-        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd)
-        wd = inotify_add_watch(self.inotify_fd, path, self.inotify_mask)
-        pthread_mutex_lock(&self.lock)
-        if wd >= 0 and self.nodes[s].wd < 0 and not self.nodes[s].dead:
-            self.nodes[s].wd = wd
-            self._link_wd(s)
-        pthread_mutex_unlock(&self.lock)
-        self._unpin(s)
-        return wd
-
-    def node_of_wd(self, int wd) -> int:
-        """The nodeid of the directory watched by `wd`, or 0."""
-        pthread_mutex_lock(&self.lock)
-        cdef int32_t s = self._find_wd(wd)
-        cdef uint64_t r = self.nodes[s].nodeid if s >= 0 else 0
-        pthread_mutex_unlock(&self.lock)
-        return r
 
     def __len__(self) -> int:
         pthread_mutex_lock(&self.lock)

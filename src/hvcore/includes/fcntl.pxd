@@ -5,6 +5,11 @@ cdef extern from "<fcntl.h>" nogil:
         AT_EMPTY_PATH
         AT_SYMLINK_NOFOLLOW
         O_NOFOLLOW
+        O_PATH
     int openat(int dirfd, const char *path, int flags, ...)
     int fchownat(int dirfd, const char *path, unsigned int uid, unsigned int gid, int flags)
     int fallocate(int fd, int mode, long offset, long length)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int unlinkat(int dirfd, const char *path, int flags)

@@ -1,4 +1,4 @@
-# C declarations from <sys/inotify.h>: the event record the host watch decodes.
+# C declarations from <sys/inotify.h>: the event record the host watch decodes, and watches.
 from libc.stdint cimport uint32_t, int32_t
 
 
@@ -9,3 +9,5 @@ cdef extern from "<sys/inotify.h>" nogil:
         uint32_t cookie
         uint32_t len
         char name[1]
+    int inotify_add_watch(int fd, const char *path, unsigned int mask)
+    int inotify_rm_watch(int fd, int wd)

@@ -1,4 +1,5 @@
-# C declarations from <sys/mman.h>, <sys/ioctl.h>, <signal.h>, <pthread.h>, <errno.h>, <time.h>
+# C declarations from <sys/mman.h>, <sys/ioctl.h>, <signal.h>, <pthread.h>, <errno.h>, <time.h>,
+# <poll.h>
 # that hvcore uses and Cython's bundled posix/*.pxd lack.
 from libc.stdint cimport uint64_t
 
@@ -33,3 +34,21 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    enum: PTHREAD_MUTEX_ADAPTIVE_NP
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN

@@ -34,6 +34,7 @@ import resource
 import stat as st_
 import threading
 
+from hvcore import fslookup
 from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from hvcore.fsnodes import NodeTable
@@ -236,12 +237,12 @@ class InodeTable:
                 raise
             return self.adopt(fd, s), s
         # open (RESOLVE_BENEATH), stat, handle and the table in one call without the GIL
-        nodeid, s = self.c.lookup(parent.nodeid, name)
+        nodeid, s = fslookup.lookup_name(self.c, parent.nodeid, name)
         return Inode(self, nodeid, s.dev, s.ino, st_.S_IFMT(s.mode)), s
 
     def adopt(self, fd: int, s: fs.Stat) -> Inode:
         """Take ownership of an O_PATH descriptor for a looked-up or new inode (+1 lookup)."""
-        nodeid = self.c.adopt(fd, s)
+        nodeid = fslookup.adopt_fd(self.c, fd, s)
         return Inode(self, nodeid, s.dev, s.ino, st_.S_IFMT(s.mode))
 
     def set_stamp(self, node: Inode, s: fs.Stat) -> None:

@@ -9,13 +9,13 @@ import errno
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 
 from hvcore import fsops as fs
 from hvcore import fuseproto as fp
 from hvcore.fsfast import FastPath
 from hvcore.fsfiles import FileTable
+from hvcore.fswatch import OwnChanges
 from pyhv.share.data import DataOps
 from pyhv.share.inodes import Inode, InodeTable
 from pyhv.share.locks import LockOps
@@ -65,13 +65,14 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.files.writable = not options.readonly
         # LOOKUP, GETATTR, FORGET, OPEN, CREATE, FLUSH, RELEASE, UNLINK, directories in C
         self.fast = FastPath(self.inodes.c, self.files)
+        # Set by the host watch: the server's own changes must not come back as invalidations.
+        self.watching = False
+        self.own = OwnChanges()         # (parent nodeid, name) the server changes, for the watch
+        self.fast.own = self.own
         self._waiting: dict[int, threading.Event] = {}    # unique -> interrupted
         self.negotiated = 0
         self.proto_minor = 0
         self.notify: Callable[[list], None] | None = None
-        # Set by the host watch: the server's own changes must not come back as invalidations.
-        self.watching = False
-        self.expected: dict[tuple[int, bytes], float] = {}     # (parent nodeid, name) -> time
         self.stats_errors = 0
         self._ops: dict[int, Callable] = {}
         for name in dir(self):
@@ -160,7 +161,7 @@ class FuseServer(MetaOps, DataOps, LockOps):
     def _expect(self, parent: Inode, name: bytes) -> None:
         """The host watch will see an event for this name: it is ours, not the host's."""
         if self.watching:
-            self.expected[(parent.nodeid, name)] = time.monotonic()
+            self.own.add(parent.nodeid, name)
 
     def _stamp(self, node: Inode, fd: int | None = None, s: fs.Stat | None = None) -> None:
         """Remember the inode as our last change left it (the watch ignores that state)."""

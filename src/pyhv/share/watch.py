@@ -6,24 +6,23 @@ cached name, so the next access looks it up again); a file closed after writing,
 attributes changed -> INVAL_INODE (cached attributes and pages dropped). Data changes are
 taken at close (IN_CLOSE_WRITE), not per write(2): a host program that keeps a file open
 while writing shows its writes after the attribute timeout or its close. The server's own
-changes are recognised (expected names; the inode's (ctime, mtime, size) after our last
-change) and not echoed back, so client caches survive the client's own work. Events are read
-by one thread, coalesced per read, and sent from that thread, never from inside a request (a
-notification about a directory whose lock a request holds would deadlock).
+changes are recognised (names recorded before the change; the inode's (ctime, mtime, size)
+after our last change) and not echoed back, so client caches survive the client's own work.
+Events are read and matched in C (`hvcore.fswatch`, no GIL: the client's own creates and
+unlinks cost no Python); this thread wakes only for host-made changes and sends them,
+never from inside a request (a notification about a directory whose lock a request holds
+would deadlock).
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
-import select
 import threading
-import time
 
-from hvcore import fsops as fs
 from hvcore import fuseproto as fp
+from hvcore.fswatch import Watcher, add_watch
 
 log = logging.getLogger("pyhv.share")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -48,7 +47,8 @@ class HostWatch:
         self._thread = threading.Thread(target=self._run, daemon=True, name="host-watch")
         # the inode table (C) adds a watch to every new directory and removes it on FORGET
         server.start_watching(self.fd, MASK)
-        if server.inodes.c.add_watch(fp.ROOT_ID) < 0:
+        self._watcher = Watcher(server.inodes.c, server.own, self.fd, self._stop_r)
+        if add_watch(server.inodes.c, fp.ROOT_ID) < 0:
             log.warning("host watch: cannot watch the share's root (some host changes show "
                         "after the cache timeout)")
 
@@ -65,61 +65,18 @@ class HostWatch:
 
     def _run(self) -> None:
         while True:
-            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
             try:
-                data = os.read(self.fd, 65536)
+                changes = self._watcher.wait()
             except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    continue
                 log.warning("host watch: %s", e)
                 return
-            self.server.inodes.begin()
-            try:
-                self._dispatch(fs.inotify_events(data))
-            finally:
-                self.server.inodes.end()
-
-    def _dispatch(self, events: list) -> None:
-        entries: dict[tuple[int, bytes], None] = {}
-        inodes: dict[int, None] = {}
-        expected = self.server.expected
-        now = time.monotonic()
-        for key in self.server.fast.take_expected():     # the fast path's own changes
-            expected[key] = now
-        table = self.server.inodes
-        for wd, mask, _cookie, name in events:
-            parent_id = table.c.node_of_wd(wd) if name else 0
-            if not parent_id:
+            if changes is None:
+                return
+            notify = self.server.notify
+            if notify is None:
                 continue
-            key = (parent_id, name)
-            if mask & NAME_EVENTS:
-                if expected.pop(key, None) is None:      # not one of the server's own
-                    entries[key] = None
-            if mask & DATA_EVENTS:
-                try:
-                    s = fs.lstat_at(table.get(parent_id).fd, name)
-                except OSError:
-                    continue
-                node = self.server.inodes.find(s.dev, s.ino)
-                if node is not None and node.stamp != s.stamp:
-                    inodes[node.nodeid] = None
-        self._expire(expected)
-        notify = self.server.notify
-        if notify is None:
-            return
-        for parent_id, name in entries:
-            notify([fp.notify_inval_entry(parent_id, name)])
-        for nodeid in inodes:
-            notify([fp.notify_inval_inode(nodeid, 0, 0)])
-
-    @staticmethod
-    def _expire(expected: dict) -> None:
-        """Forget expectations whose event never came (coalesced or lost) after a while."""
-        if len(expected) < 1024:
-            return
-        old = time.monotonic() - 5.0
-        for key, when in list(expected.items()):
-            if when < old:
-                expected.pop(key, None)
+            entries, inodes = changes
+            for parent_id, name in entries:
+                notify([fp.notify_inval_entry(parent_id, name)])
+            for nodeid in inodes:
+                notify([fp.notify_inval_inode(nodeid, 0, 0)])
