@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 
 from hvcore import netpkt
+from hvcore.netbuild import Builder
 from hvcore.netpkt import ACK, ARP, FIN, FRAGMENT, IPV4, OTHER, RST, SYN
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
@@ -32,7 +33,7 @@ class Stack:
 
         self.cfg, self.port, self.pcap = cfg, port, pcap
         self.vnet = port.offload
-        self.builder = netpkt.Builder(GATEWAY_MAC, cfg.mtu, port.offload)
+        self.builder = Builder(GATEWAY_MAC, cfg.mtu, port.offload)
         self.counters: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guest_addrs: set[int] = {cfg.guest}

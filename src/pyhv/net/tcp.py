@@ -8,7 +8,8 @@ and out-of-order data held; data from the host is read straight into `sbuf` and 
 there until the guest acknowledges it; the host socket stops being read while
 `tcp_snd_buffer` bytes wait. So no queue grows without bound. A new flow allocates no
 buffer until the host sends: its first read lands in a buffer shared by all flows and is
-copied out at its own size. Segment building and reassembly are in `hvcore.netpkt`.
+copied out at its own size. Segment building is in `hvcore.netbuild`, reassembly in
+`hvcore.netreasm`.
 
 RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its sequence
 number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import random
 
-from hvcore.netpkt import ACK, FIN, PSH, RST, SYN, Reassembly
+from hvcore.netpkt import ACK, FIN, PSH, RST, SYN
+from hvcore.netreasm import Reassembly
 from pyhv.net.hostsock import HostSocket
 
 M32 = 0xFFFFFFFF
