@@ -83,12 +83,13 @@ class Stack:
             try:
                 if pkt.kind == IPV4 and pkt.proto == 6 and pkt.ttl > 1 and \
                         pkt.mac_src == builder.guest_mac:
-                    conn = conns.get((pkt.src, pkt.sport, pkt.dst, pkt.dport))
+                    key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+                    conn = conns.get(key)
                     if conn is not None and conn.state != TIME_WAIT:
                         conn.segment(pkt)
                         continue
                     if conn is None and pkt.flags & SYN_MASK == SYN:
-                        self.tcp.segment(pkt)      # a new connection
+                        self.tcp.syn(pkt, key)     # a new connection
                         continue
                 self.packet(pkt)
             except Exception:               # a bug must cost one frame, not the service

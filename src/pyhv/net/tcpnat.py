@@ -70,7 +70,7 @@ class TcpNat:
         if flags & RST:
             return
         if flags & SYN and not flags & ACK:
-            self._syn(pkt, key)
+            self.syn(pkt, key)
             return
         self.stack.counters["tcp segments for no flow"] += 1
         self.reset_for(pkt)
@@ -86,7 +86,8 @@ class TcpNat:
         self.stack.send([self.stack.builder.tcp(pkt.dst, pkt.dport, pkt.src, pkt.sport, seq,
                                                 ack, flags, 0)])
 
-    def _syn(self, pkt, key) -> None:
+    def syn(self, pkt, key) -> None:
+        """A guest SYN for no flow: connect on the host, then SYN-ACK (or RST/ICMP)."""
         stack, cfg = self.stack, self.stack.cfg
         target = stack.host_target(pkt.dst, pkt.dport, "tcp")
         if target is None:
@@ -98,7 +99,7 @@ class TcpNat:
             stack.counters["tcp syn dropped: flow limit"] += 1
             return
         if self.connecting >= cfg.max_connecting or \
-                self.per_dest[dest] >= cfg.max_connecting_per_dest:
+                self.per_dest.get(dest, 0) >= cfg.max_connecting_per_dest:
             stack.counters["tcp syn dropped: connects in flight"] += 1
             return                              # the guest retransmits its SYN later
         conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
