@@ -287,6 +287,11 @@ def syns_first(pkts: list) -> list:
     connection and opens the next sends FIN and SYN together, and the SYN-ACK (what the
     guest waits for) should not wait behind the old flow's close. Frames of one flow keep
     their order: when a SYN shares its flow with another frame of the batch, nothing moves."""
+    for p in pkts[1:]:                  # (most batches have none after the first frame)
+        if p.flags & SYN_MASK == SYN and p.proto == 6 and p.kind == IPV4:
+            break
+    else:
+        return pkts
     syns = [p for p in pkts if _is_syn(p)]
     if not syns or len(syns) == len(pkts):
         return pkts
