@@ -415,7 +415,8 @@ cdef class FastPath:
             n = self._serve(rp, rq.shape[0], op, o.shape[0])
         return n
 
-    def serve_dev(self, int devfd, buf, out) -> int:
+    def serve_dev(self, int devfd, buf, out, int pipe_r=-1, int pipe_w=-1,
+                  Py_ssize_t pipe_cap=0) -> int:
         """Read requests from a /dev/fuse descriptor into `buf`, answering what this path
         answers without the GIL, until one is for the Python handler: returns its length (it
         is in `buf`), 0 at end of file, or -errno when the read fails (EINTR, EAGAIN, ENOENT:
@@ -439,6 +440,9 @@ cdef class FastPath:
                     break
                 if n == 0:
                     break
+                if pipe_r >= 0 and self.files._splice_read(bp, n, devfd, pipe_r, pipe_w,
+                                                           pipe_cap, op):
+                    continue
                 m = self._serve(bp, n, op, on)
                 if m == 0:
                     break

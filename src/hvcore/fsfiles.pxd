@@ -28,5 +28,7 @@ cdef class FileTable:
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil
     cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
                            Py_ssize_t cap) noexcept nogil
+    cdef int _splice_read(self, const uint8_t *req, Py_ssize_t n, int devfd, int pr,
+                          int pw, Py_ssize_t pipe_cap, uint8_t *out) noexcept nogil
     cdef int _pin(self, uint64_t fh, bint write) noexcept nogil
     cdef void _unpin(self, uint64_t fh) noexcept nogil

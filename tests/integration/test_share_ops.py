@@ -88,6 +88,27 @@ def test_large_file_roundtrip(d):
     assert (d / "big").read_bytes() == data
 
 
+def test_large_reads_at_any_offset_and_size(d):
+    """Large READs are spliced from the file behind the reply header: the bytes, the short
+    read at the end of file and reads after the file shrank must be exactly the file's."""
+    data = os.urandom((1 << 20) + 777)
+    (d / "f").write_bytes(data)
+    buf = mmap.mmap(-1, 1 << 20)            # page-aligned, for O_DIRECT
+    aligned = ((0, 1 << 20), (4096 * 3, 98304), (1 << 20, 65536), (len(data) + 4095, 4096))
+    unaligned = ((4096 * 3, 100000), (len(data) - 40000, 65536), (len(data) - 100, 4096))
+    for flags, reads in ((0, aligned + unaligned), (os.O_DIRECT, aligned)):
+        fd = os.open(d / "f", os.O_RDONLY | flags)
+        try:
+            for off, size in reads:
+                got = os.preadv(fd, [memoryview(buf)[:size]], off)
+                assert buf[:got] == data[off:off + size]
+        finally:
+            os.close(fd)
+    os.truncate(d / "f", 50000)
+    assert (d / "f").read_bytes() == data[:50000]
+    buf.close()
+
+
 def test_stat_chmod_chown_truncate_utime(d):
     p = d / "f"
     p.write_bytes(b"x" * 100)

@@ -2,8 +2,9 @@
 
 Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests in C
 (`hvcore.fsfast.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
-FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL; any other
-request goes to `FuseServer.dispatch`, and its reply is written with one writev. When every
+FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL (a large
+READ is spliced from the file through the reader's pipe); any other request goes to
+`FuseServer.dispatch`, and its reply is written with one writev. When every
 reader but one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so
 one slow request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
 unmount). Root mounts with mount(2); a normal user goes through fusermount3.
@@ -33,6 +34,8 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 # Errors a reply write may meet that only mean "nobody waits for this reply any more".
 GONE = (errno.ENOENT, errno.EINTR)
+# A reader's splice pipe: 128 KiB readahead READs and more (1 MiB is the unprivileged limit).
+SPLICE_PIPE = 1 << 20
 
 
 def _connection(mountpoint: str) -> str | None:
@@ -44,6 +47,20 @@ def _connection(mountpoint: str) -> str | None:
             if fields[4] == mountpoint:
                 found = fields[2].split(":")[1]
     return f"/sys/fs/fuse/connections/{found}" if found else None
+
+
+def _splice_pipe() -> tuple[int, int, int]:
+    """A reader's pipe for READ replies spliced from the file (header + pages): (read end,
+    write end, capacity), or (-1, -1, 0) when there is none (the reply is then copied)."""
+    try:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1, -1, 0
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SPLICE_PIPE)
+    except OSError:
+        pass                                # the default size still serves smaller reads
+    return r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
 
 
 class DevFuse:
@@ -181,9 +198,11 @@ class DevFuse:
         view = memoryview(buf)
         handle = self.server.dispatch
         serve_dev = self.server.fast.serve_dev
+        pipe_r, pipe_w, pipe_cap = _splice_pipe()
         try:
             while True:
-                n = serve_dev(fd, buf, out)     # the hot requests answered inside, no GIL
+                # the hot requests answered inside, no GIL (large READs spliced through the pipe)
+                n = serve_dev(fd, buf, out, pipe_r, pipe_w, pipe_cap)
                 if n < 0:
                     if -n != errno.ENODEV:
                         log.warning("read /dev/fuse: %s", os.strerror(-n))
@@ -208,6 +227,9 @@ class DevFuse:
             view.release()
             if own:
                 os.close(fd)
+            for p in (pipe_r, pipe_w):
+                if p >= 0:
+                    os.close(p)
 
     def send(self, buffers: list) -> None:
         """Unsolicited notification (cache invalidation) to the kernel."""
