@@ -40,7 +40,6 @@ DEF NAME_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
 DEF DATA_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE
 DEF KIND_ENTRY = 0
 DEF KIND_INODE = 1
-DEF COALESCE_US = 1000        # host changes reach the client at most this much later
 
 
 cdef class OwnChanges:
@@ -148,10 +147,16 @@ cdef class Watcher:
     cdef int ifd, stopfd
     cdef uint8_t *buf
     cdef Change *changes
+    # After a read that held only the server's own changes, wait this long before the next:
+    # a burst of them (a create or unlink loop) is then one wakeup per batch, not per event
+    # (a wakeup costs more here than the request it follows). Host-made changes reach the
+    # client at most this much later, well inside the 1 s the cache mode allows them.
+    cdef public int coalesce_us
 
     def __cinit__(self, NodeTable nodes not None, OwnChanges own not None, int ifd,
                   int stopfd):
         self.nodes, self.own, self.ifd, self.stopfd = nodes, own, ifd, stopfd
+        self.coalesce_us = 10000
         self.buf = <uint8_t *>malloc(EVENTS_BUF)
         self.changes = <Change *>malloc(MAX_CHANGES * sizeof(Change))
         if self.buf == NULL or self.changes == NULL:
@@ -161,8 +166,9 @@ cdef class Watcher:
         free(self.buf)
         free(self.changes)
 
-    cdef int _read(self, int *nch) noexcept nogil:
-        """One read of events into `changes`: 0, 1 when stopped, or an errno."""
+    cdef int _read(self, int *nch, bint *more) noexcept nogil:
+        """One read of events into `changes`: 0, 1 when stopped, or an errno; `more` when
+        the read filled most of the buffer (more events are waiting)."""
         cdef pollfd fds[2]
         cdef ssize_t n, pos = 0
         cdef const inotify_event *ev
@@ -180,6 +186,7 @@ cdef class Watcher:
         n = read(self.ifd, self.buf, EVENTS_BUF)
         if n < 0:
             return 0 if errno == EINTR or errno == EAGAIN else errno
+        more[0] = n > EVENTS_BUF // 2
         while pos + <ssize_t>sizeof(inotify_event) <= n and nch[0] + 2 <= MAX_CHANGES:
             ev = <const inotify_event *>(self.buf + pos)
             pos += sizeof(inotify_event) + ev.len
@@ -210,15 +217,16 @@ cdef class Watcher:
         [nodeid]) for INVAL_ENTRY and INVAL_INODE, each once and in order; None once
         stopped. OSError when the inotify descriptor fails."""
         cdef int nch = 0, rc = 0, i
+        cdef bint more = 0
         cdef Change *c
         with nogil:
             while True:
-                rc = self._read(&nch)
+                more = 0
+                rc = self._read(&nch, &more)
                 if nch or rc:
                     break
-                # only the server's own changes: let a burst of them (a create or unlink
-                # loop) collect for a moment, one wakeup per batch instead of per event
-                usleep(COALESCE_US)
+                if not more:
+                    usleep(self.coalesce_us)    # only the server's own changes so far
         if rc == 1:
             return None
         if rc:
