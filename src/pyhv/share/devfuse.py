@@ -4,7 +4,9 @@ Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests 
 (`hvcore.fsfast.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
 FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL (a large
 READ is spliced from the file through the reader's pipe); any other request goes to
-`FuseServer.dispatch`, and its reply is written with one writev. When every
+`FuseServer.dispatch`, and its reply is written with one writev. Readers take turns
+reading (leader/followers, `FastPath.serve_dev`) so a client's requests one after another
+are served by one awake thread. When every
 reader but one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so
 one slow request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
 unmount). Root mounts with mount(2); a normal user goes through fusermount3.
@@ -197,12 +199,15 @@ class DevFuse:
         out = bytearray(self.bufsize)       # READ / WRITE replies, written in C
         view = memoryview(buf)
         handle = self.server.dispatch
-        serve_dev = self.server.fast.serve_dev
+        fast = self.server.fast
+        serve_dev = fast.serve_dev
         pipe_r, pipe_w, pipe_cap = _splice_pipe()
+        turn = False                        # this reader holds the reading turn (fsfast)
         try:
             while True:
                 # the hot requests answered inside, no GIL (large READs spliced through the pipe)
-                n = serve_dev(fd, buf, out, pipe_r, pipe_w, pipe_cap)
+                n = serve_dev(fd, buf, out, pipe_r, pipe_w, pipe_cap, turn)
+                turn = n > 0 and fast.keeps_turn(view[:n])
                 if n < 0:
                     if -n != errno.ENODEV:
                         log.warning("read /dev/fuse: %s", os.strerror(-n))
@@ -224,6 +229,8 @@ class DevFuse:
                 with self._lock:
                     self._idle += 1
         finally:
+            if turn:
+                fast.release_turn()
             view.release()
             if own:
                 os.close(fd)
