@@ -57,21 +57,8 @@ def checksum(data) -> int:
 
 cdef class Packet:
     """One parsed frame. `reason` is 0 or the index in REASONS of the first bad field;
-    offsets are into `frame`. Fields of layers the frame lacks stay 0."""
-    cdef readonly object frame
-    cdef readonly int kind, reason, ethertype
-    cdef readonly uint64_t mac_src, mac_dst
-    cdef readonly int vnet_flags, gso_type, gso_size
-    cdef readonly int arp_op
-    cdef readonly uint64_t arp_sha
-    cdef readonly uint32_t arp_spa, arp_tpa
-    cdef readonly uint32_t src, dst
-    cdef readonly int proto, ttl, ident, frag_offset, more_fragments, ip_offset, ip_len
-    cdef readonly int sport, dport
-    cdef readonly uint32_t seq, ack
-    cdef readonly int flags, window, mss, wscale, sack_perm
-    cdef readonly int icmp_type, icmp_code, icmp_id, icmp_seq
-    cdef readonly int l4_offset, payload_offset, payload_len
+    offsets are into `frame`. Fields of layers the frame lacks stay 0 (declared in
+    netpkt.pxd)."""
 
     def __init__(self):
         raise TypeError("Packet objects come from parse() / parse_ip()")

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from hvcore.netpkt import ACK, FIN, RST, SYN
 from pyhv.net import tcp
 from pyhv.net.hostsock import HostSocket, Poller
-from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn
+from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn, host_connected
 
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
@@ -139,7 +139,7 @@ class TcpNat:
         self.stack.counters["tcp connections"] += 1
         if conn.host is None:
             conn.send_synack()                  # what the guest waits for goes first
-            conn.host_connected(sock)
+            host_connected(conn, sock)
         else:
             conn.host.start_reading()
             conn.send_synack()
@@ -208,7 +208,7 @@ class TcpNat:
         conn = TcpConn(self, guest, gport, gw, port)
         conn.on_close = on_close
         self.conns[conn.key] = conn
-        conn.host_connected(sock, reading=False)
+        host_connected(conn, sock, reading=False)
         conn.send_syn()
         return conn
 

@@ -1,0 +1,643 @@
+# cython: language_level=3
+"""One TCP flow between the guest and a host socket: the state machine (RFC 9293) on the
+guest side, a host socket object (`pyhv.net.hostsock.HostSocket`, set by the flow table)
+on the host side. In Cython because a short connection runs this code a dozen times and
+the Python version cost more user CPU per connection than pasta spends in total: here the
+flow's fields are C fields and the parsed segment's (`netpkt.Packet`) are read as such.
+Policy (which flows, limits, timeouts, stats) stays in `pyhv.net.tcpnat`.
+
+pyhv plays the guest's peer. Sequence numbers are kept unwrapped (64-bit); the wire
+carries them mod 2**32. Flow control is tied to the host socket: the window offered to the
+guest is `tcp_rcv_buffer` minus what the host socket has not taken yet (its write backlog)
+and out-of-order data held; data from the host is read straight into `sbuf` and waits
+there until the guest acknowledges it; the host socket stops being read while
+`tcp_snd_buffer` bytes wait. So no queue grows without bound. A new flow allocates no
+buffer until the host sends: its first read lands in a buffer shared by all flows and is
+copied out at its own size. Segment building is in `hvcore.netbuild`, reassembly in
+`hvcore.netreasm`.
+
+RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its sequence
+number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
+"""
+
+import random
+
+from hvcore.netpkt cimport Packet
+from hvcore.netreasm import Reassembly
+
+DEF F_FIN = 0x01
+DEF F_SYN = 0x02
+DEF F_RST = 0x04
+DEF F_PSH = 0x08
+DEF F_ACK = 0x10
+
+M32 = 0xFFFFFFFF
+(CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, FIN_WAIT_2, CLOSING,
+ LAST_ACK, TIME_WAIT, CLOSED) = range(11)
+STATES = ("CONNECTING", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT_1",
+          "FIN_WAIT_2", "CLOSING", "LAST_ACK", "TIME_WAIT", "CLOSED")
+WSCALE = 7                      # our window scale: windows up to 8 MiB
+MIN_RTO, INIT_RTO, MAX_RTO = 0.2, 1.0, 30.0
+MAX_RETRIES = 8
+READ_CHUNK = 256 << 10          # largest host read
+MIN_ROOM = 16 << 10             # grow (doubling) or compact when less room is left
+DELACK_BYTES = 1024             # new data below this (and below one MSS) is ACKed ...
+DELACK = 0.001                  # ... this much later, unless an answer carries the ACK
+
+cdef enum:
+    S_CONNECTING, S_SYN_SENT, S_SYN_RCVD, S_ESTABLISHED, S_CLOSE_WAIT, S_FIN_WAIT_1,
+    S_FIN_WAIT_2, S_CLOSING, S_LAST_ACK, S_TIME_WAIT, S_CLOSED
+
+DEF C_WSCALE = 7
+DEF C_MAX_RETRIES = 8
+DEF C_READ_CHUNK = 256 << 10
+DEF C_MIN_ROOM = 16 << 10
+DEF C_DELACK_BYTES = 1024
+DEF C_MIN_RTO = 0.2
+DEF C_INIT_RTO = 1.0
+DEF C_MAX_RTO = 30.0
+DEF C_M32 = 0xFFFFFFFF
+
+
+cdef inline long long _unwrap(long long value, long long ref) noexcept:
+    cdef long long d = (value - ref) & C_M32
+    return ref + d - (1LL << 32) if d >= (1LL << 31) else ref + d
+
+
+def unwrap(long long value, long long ref) -> int:
+    """The unwrapped sequence number nearest `ref` whose low 32 bits are `value`."""
+    return _unwrap(value, ref)
+
+
+cdef inline long long _min(long long a, long long b) noexcept:
+    return a if a < b else b
+
+
+cdef inline long long _max(long long a, long long b) noexcept:
+    return a if a > b else b
+
+
+cdef class TcpConn:
+    cdef public object nat, stack, builder, loop, counters, key
+    cdef public long long rcv_cap, snd_cap
+    cdef public long long guest, gport, peer, pport
+    cdef public int state
+    cdef public long long iss, snd_una, snd_nxt, snd_wnd
+    cdef public int snd_wscale, rcv_wscale
+    cdef public bytearray sbuf
+    cdef public long long s_head, s_tail
+    cdef public bint fin_queued
+    cdef public object fin_seq          # int or None
+    cdef public long long irs, rcv_nxt, rcv_adv
+    cdef public object rcv_fin          # the guest's FIN, seen ahead of a gap (or None)
+    cdef public object reasm
+    cdef public long long mss
+    cdef public object host
+    cdef public bint host_paused, into_scratch
+    cdef public object connect_dest, connect_timer
+    cdef public double rto
+    cdef public object rto_deadline     # float or None
+    cdef public object rto_handle
+    cdef public bint rto_pending
+    cdef public int retries, dupacks
+    cdef public object rtt_seq          # int or None
+    cdef public double rtt_time
+    cdef public object srtt             # float or None
+    cdef public double rttvar
+    cdef public long long last_ack, last_wnd
+    cdef public double seen
+    cdef public long long bytes_to_host, bytes_to_guest
+    cdef public object syn_head, on_close
+    cdef object __weakref__
+
+    def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
+        stack = nat.stack
+        self.nat, self.stack = nat, stack
+        self.builder = stack.builder
+        self.loop = stack.loop
+        self.counters = stack.counters
+        cfg = stack.cfg
+        self.rcv_cap, self.snd_cap = cfg.tcp_rcv_buffer, cfg.tcp_snd_buffer
+        self.key = (guest, gport, peer, pport)
+        self.guest, self.gport, self.peer, self.pport = guest, gport, peer, pport
+        self.state = S_CONNECTING
+        self.iss = random.getrandbits(32)
+        self.snd_una = self.snd_nxt = self.iss
+        self.sbuf = bytearray()          # host data from snd_una on: sbuf[s_head:s_tail]
+        self.fin_seq = None
+        self.rcv_fin = None
+        self.mss = 536
+        self.rto = C_INIT_RTO
+        self.last_ack = self.last_wnd = -1
+        self.seen = self.loop.time()
+        self.syn_head = b""
+
+    # ---- frames to the guest
+
+    cdef inline long long _wnd(self):
+        cdef long long buffered = len(self.host.wbuf) if self.host is not None else 0
+        cdef long long held = self.reasm.pending if self.reasm is not None else 0
+        return _max(0, self.rcv_cap - buffered - held)
+
+    cdef inline long long _wnd_field(self):
+        return _min(self._wnd() >> self.rcv_wscale, 0xFFFF)
+
+    cdef _sent_ack(self, long long wnd_field):
+        stack = self.stack
+        if stack.delayed and self in stack.delayed:
+            stack.ack_sent(self)
+        self.last_ack, self.last_wnd = self.rcv_nxt, wnd_field
+        cdef long long edge = self.rcv_nxt + (wnd_field << self.rcv_wscale)
+        if edge > self.rcv_adv:
+            self.rcv_adv = edge
+
+    cdef _segment(self, int flags, long long seq=-1, int mss=0, int wscale=-1):
+        cdef long long wnd = self._wnd_field() if not flags & F_SYN else _min(self._wnd(),
+                                                                              0xFFFF)
+        if seq < 0:
+            seq = self.snd_nxt
+        self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest, self.gport,
+                                          seq & C_M32, self.rcv_nxt & C_M32, flags, wnd, None,
+                                          mss, wscale)])
+        if flags & F_ACK:
+            self._sent_ack(wnd if not flags & F_SYN else wnd >> self.rcv_wscale)
+
+    def ack_now(self) -> None:
+        self._segment(F_ACK)
+
+    def flush_ack(self) -> None:
+        """Called once per batch of guest frames: one ACK for all of them, if owed. Less
+        than DELACK_BYTES of new data (a request) is ACKed DELACK later, so the host's
+        answer, if it comes by then, carries the ACK (one frame less per exchange)."""
+        if self.state == S_CLOSED or self.state <= S_SYN_RCVD:
+            return
+        cdef long long owed = self.rcv_nxt - self.last_ack
+        if owed and owed < C_DELACK_BYTES and owed < self.mss and \
+                self.state == S_ESTABLISHED:
+            self.stack.delay_ack(self)
+        elif owed or self._wnd_field() > self.last_wnd:
+            self._segment(F_ACK)
+
+    def delayed_ack(self) -> None:
+        """DELACK has passed since data arrived: the ACK goes now, if still owed."""
+        if self.state != S_CLOSED and self.state > S_SYN_RCVD and \
+                self.rcv_nxt != self.last_ack:
+            self._segment(F_ACK)
+
+    def window_update(self) -> None:
+        if self.state != S_CLOSED and self.state > S_SYN_RCVD and \
+                self._wnd_field() > self.last_wnd:
+            self._segment(F_ACK)
+
+    def send_reset(self) -> None:
+        self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest, self.gport,
+                                          self.snd_nxt & C_M32, self.rcv_nxt & C_M32,
+                                          F_RST | F_ACK, 0)])
+
+    def send_synack(self) -> None:
+        self.state = S_SYN_RCVD
+        self._segment(F_SYN | F_ACK, self.iss, self.stack.cfg.mtu - 40,
+                      C_WSCALE if self.rcv_wscale else -1)
+        self.snd_nxt = self.iss + 1
+        self._arm(False)
+
+    def send_syn(self) -> None:
+        """Open the flow from our side (a port forward)."""
+        self.state = S_SYN_SENT
+        self.rcv_wscale = C_WSCALE
+        self._segment(F_SYN, self.iss, self.stack.cfg.mtu - 40, C_WSCALE)
+        self.snd_nxt = self.iss + 1
+        self._arm(False)
+
+    def host_read_done(self) -> None:
+        """The host socket's reads of this event are done: what they brought (data and
+        EOF read together: a short reply and its FIN in one segment) goes out now."""
+        if self.s_tail != self.s_head or self.fin_queued and self.fin_seq is None:
+            self._output()
+
+    cdef _output(self):
+        """Send what the guest's window allows, with our FIN once everything is sent."""
+        if self.state != S_ESTABLISHED and self.state != S_CLOSE_WAIT:
+            return
+        cdef long long data_end = self.snd_una + self.s_tail - self.s_head
+        cdef long long wnd_end = self.snd_una + self.snd_wnd
+        cdef long long end = _min(wnd_end, data_end), wnd
+        # our FIN takes a sequence number of the window too (as Linux's tcp_snd_wnd_test):
+        # Linux >= 6.17 drops a whole segment whose FIN lies beyond the offered window
+        cdef bint fin = self.fin_queued and self.fin_seq is None and data_end < wnd_end
+        if end > self.snd_nxt:
+            wnd = self._wnd_field()
+            frames = self.builder.tcp_data(
+                self.peer, self.pport, self.guest, self.gport, self.snd_nxt & C_M32,
+                self.rcv_nxt & C_M32, wnd, self.sbuf,
+                self.s_head + self.snd_nxt - self.snd_una, end - self.snd_nxt, self.mss,
+                F_ACK | F_PSH | (F_FIN if fin else 0), True)
+            self.stack.send(frames)
+            self.bytes_to_guest += end - self.snd_nxt
+            if self.rtt_seq is None:
+                self.rtt_seq, self.rtt_time = end, self.loop.time()
+            self.snd_nxt = end
+            self._sent_ack(wnd)
+            self._arm(True)
+            if fin:
+                self._fin_sent(False)
+        elif fin and self.snd_nxt == data_end:
+            self._fin_sent(True)
+        elif self.snd_wnd == 0 and self.snd_nxt == self.snd_una and (
+                data_end > self.snd_nxt or self.fin_queued and self.fin_seq is None):
+            self._arm(True)                    # persist timer: probe the zero window
+
+    cdef _fin_sent(self, bint segment):
+        self.fin_seq = self.snd_nxt
+        if segment:
+            self._segment(F_FIN | F_ACK)
+        self.snd_nxt += 1
+        self.state = S_FIN_WAIT_1 if self.state == S_ESTABLISHED else S_LAST_ACK
+        self._arm(True)
+
+    # ---- timers
+
+    cdef _arm(self, bint keep):
+        """Set the retransmission deadline. The loop timer for it is made a moment later
+        (Stack.defer, >= 1 ms before any RTO): usually the ACK has come by then and no
+        timer is needed at all."""
+        if keep and self.rto_deadline is not None:
+            return
+        self.rto_deadline = self.loop.time() + self.rto
+        if self.rto_handle is None and not self.rto_pending:
+            self.rto_pending = True
+            self.stack.defer(self._start_timer)
+
+    def _start_timer(self) -> None:
+        self.rto_pending = False
+        if self.rto_deadline is not None and self.rto_handle is None and \
+                self.state != S_CLOSED:
+            self.rto_handle = self.loop.call_at(self.rto_deadline, self._timer)
+
+    def _timer(self) -> None:
+        self.rto_handle = None
+        if self.rto_deadline is None or self.state == S_CLOSED:
+            return
+        if self.loop.time() < self.rto_deadline:
+            self.rto_handle = self.loop.call_at(self.rto_deadline, self._timer)
+            return
+        self.rto_deadline = None
+        self.retries += 1
+        if self.retries > C_MAX_RETRIES:
+            self.counters["tcp aborted: retransmission limit"] += 1
+            self.abort()
+            return
+        self.rto = min(self.rto * 2, C_MAX_RTO)
+        self.rtt_seq = None                    # Karn: no RTT samples from retransmissions
+        self.counters["tcp retransmission timeouts"] += 1
+        cdef bint sending = self.state == S_ESTABLISHED or self.state == S_CLOSE_WAIT
+        if self.state == S_SYN_RCVD:
+            self.send_synack()
+        elif self.state == S_SYN_SENT:
+            self.send_syn()
+        elif self.snd_nxt > self.snd_una:
+            self._retransmit()
+            self._arm(False)
+        elif self.snd_una + self.s_tail - self.s_head > self.snd_nxt and sending:
+            self._send_data(self.snd_nxt, 1)     # zero-window probe: one new byte
+            self.snd_nxt += 1
+            self._arm(False)
+        elif self.fin_queued and self.fin_seq is None and sending:
+            self._fin_sent(True)               # all data acknowledged, window still 0:
+                                               # the FIN itself probes (then retransmits)
+
+    cdef _send_data(self, long long seq, long long n):
+        self.stack.send(self.builder.tcp_data(
+            self.peer, self.pport, self.guest, self.gport, seq & C_M32, self.rcv_nxt & C_M32,
+            self._wnd_field(), self.sbuf, self.s_head + seq - self.snd_una, n, self.mss,
+            scatter=True))
+
+    cdef _retransmit(self):
+        cdef long long inflight = _min(self.snd_nxt - self.snd_una, self.s_tail - self.s_head)
+        if inflight > 0:
+            self._send_data(self.snd_una, _min(self.mss, inflight))
+        elif self.fin_seq is not None and self.snd_una <= self.fin_seq:
+            self._segment(F_FIN | F_ACK, self.fin_seq)
+
+    # ---- segments from the guest
+
+    def accept_syn(self, Packet pkt) -> None:
+        """Take the guest's SYN options (before the host connect completes)."""
+        self.irs = pkt.seq
+        self.rcv_nxt = self.rcv_adv = pkt.seq + 1
+        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.cfg.mtu - 40))
+        if pkt.wscale >= 0:
+            self.snd_wscale, self.rcv_wscale = pkt.wscale, C_WSCALE
+        self.snd_wnd = pkt.window
+
+    def segment(self, Packet pkt) -> None:
+        self.seen = self.loop.time()
+        cdef int flags = pkt.flags, state = self.state
+        cdef long long seq, ack, wnd
+        if state == S_SYN_SENT:
+            self._syn_sent(pkt)
+            return
+        if flags & F_RST:
+            seq = _unwrap(pkt.seq, self.rcv_nxt)
+            if seq == self.rcv_nxt:
+                self.counters["tcp reset by guest"] += 1
+                self._abort_host()
+                self.finish()
+            elif state != S_CONNECTING and self.rcv_nxt < seq < _max(self.rcv_adv,
+                                                                     self.rcv_nxt + 1):
+                self.counters["tcp challenge acks"] += 1
+                self._segment(F_ACK)           # RFC 5961 3.2: a real peer answers with
+            return                             # a RST at exactly rcv_nxt
+        if flags & F_SYN:
+            if state == S_SYN_RCVD and pkt.seq == self.irs:
+                self.send_synack()
+            elif state != S_CONNECTING:
+                self._segment(F_ACK)           # challenge ACK (RFC 5961)
+            return
+        if state == S_CONNECTING or not flags & F_ACK:
+            return
+        ack = _unwrap(pkt.ack, self.snd_una)
+        if state == S_SYN_RCVD:
+            if ack != self.iss + 1:
+                self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest,
+                                                  self.gport, pkt.ack, 0, F_RST, 0)])
+                return
+            self.state = S_ESTABLISHED
+            self.retries = 0
+        if ack > self.snd_nxt:
+            self._segment(F_ACK)
+            return
+        wnd = (<long long>pkt.window) << self.snd_wscale
+        if ack > self.snd_una:
+            self._acked(ack)
+        elif ack == self.snd_una and not pkt.payload_len and not flags & F_FIN and \
+                self.snd_nxt > self.snd_una and wnd == self.snd_wnd:
+            self.dupacks += 1
+            if self.dupacks == 3:
+                self.counters["tcp fast retransmits"] += 1
+                self._retransmit()
+        self.snd_wnd = wnd
+        if self.state == S_CLOSED:
+            return
+        if pkt.payload_len or flags & F_FIN:
+            self._receive(pkt)
+        if self.s_tail != self.s_head or self.fin_queued and self.fin_seq is None:
+            self._output()
+
+    cdef _syn_sent(self, Packet pkt):
+        cdef int flags = pkt.flags
+        if flags & F_ACK and pkt.ack != (self.iss + 1) & C_M32:
+            if not flags & F_RST:
+                self.stack.send([self.builder.tcp(self.peer, self.pport, self.guest,
+                                                  self.gport, pkt.ack, 0, F_RST, 0)])
+            return
+        if flags & F_RST:
+            self.counters["tcp forward refused by guest"] += 1
+            self._abort_host()
+            self.finish()
+            return
+        if not (flags & F_SYN and flags & F_ACK):
+            return
+        self.irs = pkt.seq
+        self.rcv_nxt = self.rcv_adv = pkt.seq + 1
+        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.cfg.mtu - 40))
+        if pkt.wscale >= 0:
+            self.snd_wscale = pkt.wscale
+        else:
+            self.rcv_wscale = 0
+        self.snd_una = self.iss + 1
+        self.snd_wnd = pkt.window
+        self.state = S_ESTABLISHED
+        self.retries = 0
+        self.rto_deadline = None
+        self._segment(F_ACK)
+        if self.host is not None:
+            self.host.start_reading()
+        self._output()
+
+    cdef _acked(self, long long ack):
+        # Our SYN (iss) and our FIN (fin_seq) take a sequence number but no byte of sbuf:
+        # the guest's ACK of the SYN may come when host data already waits in sbuf (the
+        # host peer can write as soon as connect() completes, before our SYN-ACK).
+        cdef long long first = _max(self.snd_una, self.iss + 1)
+        cdef long long last = ack if self.fin_seq is None else _min(ack, self.fin_seq)
+        cdef double now, sample, srtt
+        if last > first:
+            self.s_head += last - first
+            if self.s_head == self.s_tail:
+                self.s_head = self.s_tail = 0
+        self.snd_una = ack
+        self.dupacks = self.retries = 0
+        now = self.loop.time()
+        if self.rtt_seq is not None and ack >= self.rtt_seq:
+            sample = now - self.rtt_time
+            if self.srtt is None:
+                srtt, self.rttvar = sample, sample / 2
+            else:
+                srtt = self.srtt
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(srtt - sample)
+                srtt = 0.875 * srtt + 0.125 * sample
+            self.srtt = srtt
+            self.rto = min(C_MAX_RTO, max(C_MIN_RTO, srtt + 4 * self.rttvar))
+            self.rtt_seq = None
+        if ack == self.snd_nxt:                # all acknowledged: no timer left behind
+            self.rto_deadline = None           # (a short connection would otherwise wake
+            if self.rto_handle is not None:    # the loop once for nothing, INIT_RTO later)
+                self.rto_handle.cancel()
+                self.rto_handle = None
+        else:
+            self.rto_deadline = now + self.rto
+        if self.host_paused and self.s_tail - self.s_head < self.snd_cap // 2 and \
+                self.host is not None:
+            self.host_paused = False
+            self.host.start_reading()
+        if self.fin_seq is not None and ack > self.fin_seq:
+            if self.state == S_FIN_WAIT_1:
+                self.state = S_FIN_WAIT_2
+            elif self.state == S_CLOSING:
+                self._time_wait(False)
+            elif self.state == S_LAST_ACK:
+                self.finish()
+
+    cdef _receive(self, Packet pkt):
+        cdef int state = self.state
+        if state != S_ESTABLISHED and state != S_FIN_WAIT_1 and state != S_FIN_WAIT_2:
+            self._segment(F_ACK)               # a retransmitted FIN: ACK it again
+            return
+        cdef long long seq = _unwrap(pkt.seq, self.rcv_nxt), n = pkt.payload_len
+        cdef long long end = seq + n, take, ready
+        cdef bint fin = pkt.flags & F_FIN
+        counters = self.counters
+        if n:
+            reasm = self.reasm
+            if seq <= self.rcv_nxt and (reasm is None or not reasm.pending):
+                if end < self.rcv_nxt or end == self.rcv_nxt and not fin:
+                    counters["tcp duplicate segments"] += 1    # (old data with a FIN at
+                    self._segment(F_ACK)                       # rcv_nxt: the FIN is new)
+                    return
+                take = _min(end, _max(self.rcv_adv, self.rcv_nxt))
+                if take > self.rcv_nxt:
+                    self._to_host(pkt.payload[self.rcv_nxt - seq:take - seq])
+                    self.rcv_nxt = take
+                if take < end:
+                    counters["tcp dropped: beyond window"] += 1
+                    self._segment(F_ACK)
+                    return
+            else:
+                if end <= self.rcv_nxt or seq >= self.rcv_nxt + self.rcv_cap:
+                    counters["tcp dropped: outside window"] += 1
+                    self._segment(F_ACK)
+                    return
+                if reasm is None:
+                    reasm = self.reasm = Reassembly(self.rcv_cap, self.rcv_nxt)
+                elif not reasm.pending:
+                    reasm.set_base(self.rcv_nxt)
+                ready = reasm.add(seq, pkt.payload)
+                counters["tcp out-of-order segments"] += 1
+                if ready < 0:
+                    counters["tcp dropped: too many holes"] += 1
+                    fin = 0
+                else:
+                    if fin and end <= self.rcv_nxt + self.rcv_cap:
+                        self.rcv_fin = end             # taken when the gap before it fills
+                    if ready:
+                        self._to_host(reasm.take())
+                        self.rcv_nxt = reasm.base
+                self._segment(F_ACK)           # duplicate ACK: tells the guest what is missing
+            self.stack.ack_pending.add(self)
+        elif fin and self.rcv_nxt < seq < self.rcv_nxt + self.rcv_cap:
+            self.rcv_fin = seq                 # a bare FIN ahead of a gap
+            counters["tcp out-of-order segments"] += 1
+            self._segment(F_ACK)
+            return
+        if fin and end == self.rcv_nxt or self.rcv_fin is not None and \
+                self.rcv_fin == self.rcv_nxt:
+            self.rcv_fin = None
+            self.rcv_nxt += 1
+            if self.host is not None and self.state != S_FIN_WAIT_2:
+                self.host.write_eof()          # (from FIN_WAIT_2 the close sends our FIN)
+            if self.state == S_ESTABLISHED:
+                self.state = S_CLOSE_WAIT
+            elif self.state == S_FIN_WAIT_1:
+                self.state = S_CLOSING
+            else:                              # the last segment of the flow: its ACK
+                self._time_wait(True)          # and the host socket's close can wait a
+                self.stack.defer(self.delayed_ack)   # moment (the guest already opens
+                return                         # its next connection, whose SYN goes first)
+            self._segment(F_ACK)
+
+    cdef _to_host(self, data):
+        host = self.host
+        if host is None or host.closing:
+            self.counters["tcp dropped: host socket closed"] += 1
+            return
+        host.write(data)
+        self.bytes_to_host += len(data)
+        self.stack.host_written = True
+
+    # ---- host socket events
+
+    @property
+    def buffered(self) -> int:
+        """Host bytes not yet acknowledged by the guest (sent or not)."""
+        return self.s_tail - self.s_head
+
+    def host_buffer(self):
+        """Room for the next host read (at most READ_CHUNK, so sbuf holds at most snd_cap
+        plus one read), after the data waiting in sbuf; with too little room there, the
+        buffer shared by all flows (host_data then moves the bytes into sbuf). So a flow
+        allocates nothing until its host sends, then a buffer of the size it read, and
+        an EOF read costs no buffer at all."""
+        if len(self.sbuf) - self.s_tail < C_MIN_ROOM:
+            self.into_scratch = True
+            return self.nat.scratch
+        return memoryview(self.sbuf)[self.s_tail:self.s_tail + C_READ_CHUNK]
+
+    cdef _take_scratch(self, long long nbytes):
+        """Move `nbytes` read into the shared buffer to the end of sbuf. Small amounts get
+        a bytearray of their size; more get room for further reads (one READ_CHUNK, or
+        double the old size) so the next reads go straight to sbuf; at the size limit the
+        waiting bytes move to the front instead. A new bytearray replaces a full one
+        (never resized: the last view handed out may still exist)."""
+        cdef long long n = self.s_tail - self.s_head
+        cdef long long need = n + nbytes, size
+        cdef long long cur = len(self.sbuf)
+        size = need if need < C_MIN_ROOM else _max(need, _min(
+            2 * self.snd_cap + C_READ_CHUNK, _max(need + C_READ_CHUNK, 2 * cur)))
+        if size <= cur:
+            self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]       # same length: memmove
+        else:
+            new = bytearray(size)
+            if n:
+                new[:n] = self.sbuf[self.s_head:self.s_tail]
+            self.sbuf = new
+        self.sbuf[n:need] = self.nat.scratch[:nbytes]
+        self.s_head, self.s_tail = 0, need
+
+    def release_buffer(self) -> None:
+        """Drop an idle flow's empty send buffer (the sweeper calls this)."""
+        if self.s_tail == self.s_head and len(self.sbuf) > C_READ_CHUNK:
+            self.sbuf = bytearray()
+            self.s_head = self.s_tail = 0
+
+    def host_data(self, long long nbytes) -> None:
+        if self.into_scratch:
+            self.into_scratch = False
+            self._take_scratch(nbytes)
+        else:
+            self.s_tail += nbytes
+        if self.s_tail - self.s_head >= self.snd_cap and not self.host_paused:
+            self.host_paused = True
+            self.host.stop_reading()
+
+    def host_eof(self) -> None:
+        self.fin_queued = True
+
+    def host_lost(self, exc) -> None:
+        """The host socket failed (reset, write error): it is closed already."""
+        self.host = None
+        if self.state == S_CLOSED or self.state == S_TIME_WAIT:
+            return
+        self.counters["tcp reset by host"] += 1
+        self.abort()
+
+    # ---- ends
+
+    cdef _abort_host(self):
+        host, self.host = self.host, None
+        if host is not None:
+            host.abort()                       # close with RST, as the guest did
+
+    def abort(self) -> None:
+        """Reset both sides (host failure, idle timeout, retransmission limit)."""
+        if self.state != S_CONNECTING and self.state != S_SYN_SENT and \
+                self.state != S_CLOSED and self.state != S_TIME_WAIT:
+            self.send_reset()
+        self._abort_host()
+        self.finish()
+
+    cdef _time_wait(self, bint lazy):
+        self.state = S_TIME_WAIT
+        self.rto_deadline = None
+        if self.host is not None:
+            if lazy:
+                self.stack.defer(self.host.close)
+            else:
+                self.host.close()
+        self.nat.time_wait(self)
+
+    def finish(self) -> None:
+        if self.state == S_CLOSED:
+            return
+        self.state = S_CLOSED
+        self.rto_deadline = None
+        if self.rto_handle is not None:
+            self.rto_handle.cancel()
+            self.rto_handle = None
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        self.reasm = None
+        self.sbuf = bytearray()
+        self.s_head = self.s_tail = 0
+        self.nat.remove(self)
