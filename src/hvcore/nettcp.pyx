@@ -22,7 +22,10 @@ number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challen
 
 import random
 
+from libc.stdint cimport uint64_t
+
 from hvcore.netpkt cimport Packet
+from hvcore.netpkt import parse
 from hvcore.netreasm import Reassembly
 
 DEF F_FIN = 0x01
@@ -330,7 +333,7 @@ cdef class TcpConn:
             self.snd_wscale, self.rcv_wscale = pkt.wscale, C_WSCALE
         self.snd_wnd = pkt.window
 
-    def segment(self, Packet pkt) -> None:
+    cpdef segment(self, Packet pkt):
         self.seen = self.loop.time()
         cdef int flags = pkt.flags, state = self.state
         cdef long long seq, ack, wnd
@@ -641,3 +644,70 @@ cdef class TcpConn:
         self.sbuf = bytearray()
         self.s_head = self.s_tail = 0
         self.nat.remove(self)
+
+
+# ---- a batch of guest frames
+
+DEF SYN_MASK = F_SYN | F_ACK | F_RST | F_FIN
+DEF K_IPV4 = 2
+
+
+cdef inline bint _is_syn(Packet p) noexcept:
+    return p.kind == K_IPV4 and p.proto == 6 and p.flags & SYN_MASK == F_SYN
+
+
+cpdef list syns_first(list pkts):
+    """The batch with new connections' SYNs moved to the front: a guest that closes one
+    connection and opens the next sends FIN and SYN together, and the SYN-ACK (what the
+    guest waits for) should not wait behind the old flow's close. Frames of one flow keep
+    their order: when a SYN shares its flow with another frame of the batch, nothing
+    moves."""
+    cdef Packet p
+    cdef Py_ssize_t i, n = len(pkts)
+    for i in range(1, n):               # (most batches have none after the first frame)
+        if _is_syn(<Packet>pkts[i]):
+            break
+    else:
+        return pkts
+    cdef list syns = [], others = []
+    for p in pkts:
+        (syns if _is_syn(p) else others).append(p)
+    if not syns or not others:
+        return pkts
+    keys = {(p.src, p.sport, p.dst, p.dport) for p in others if p.kind == K_IPV4}
+    for p in syns:
+        if (p.src, p.sport, p.dst, p.dport) in keys:
+            return pkts
+    return syns + others
+
+
+def dispatch(frames, bint vnet, builder, dict conns, syn, other, error) -> None:
+    """Parse a batch of frames from the port and hand each out: a segment of a known flow
+    (from the guest's known MAC) to its flow, a new connection's SYN to `syn(pkt, key)`
+    (the flow table decides), anything else to `other(pkt)`. A failure costs its frame:
+    `error()` is called from the except block (it counts and logs)."""
+    cdef list pkts = [parse(f, vnet) for f in frames]
+    cdef Packet pkt
+    cdef TcpConn conn
+    cdef uint64_t mac
+    if len(pkts) > 1:
+        pkts = syns_first(pkts)
+    for pkt in pkts:
+        try:
+            if pkt.kind == K_IPV4 and pkt.proto == 6 and pkt.ttl > 1:
+                mac = builder.guest_mac
+                if pkt.mac_src == mac:
+                    key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+                    c = conns.get(key)
+                    if c is None:
+                        if pkt.flags & SYN_MASK == F_SYN:
+                            syn(pkt, key)      # a new connection
+                            continue
+                    else:
+                        conn = <TcpConn>c
+                        if conn.state != S_TIME_WAIT:
+                            conn.segment(pkt)
+                            continue
+            other(pkt)
+        except Exception:
+            error()

@@ -10,16 +10,16 @@ from collections import Counter
 
 from hvcore import netpkt
 from hvcore.netbuild import Builder
-from hvcore.netpkt import ACK, ARP, FIN, FRAGMENT, IPV4, OTHER, RST, SYN
+from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
+from hvcore.nettcp import dispatch, syns_first  # noqa: F401  (syns_first: re-exported)
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
-from pyhv.net.tcp import DELACK, TIME_WAIT
+from pyhv.net.tcp import DELACK
 
 BROADCAST_MAC = 0xFFFFFFFFFFFF
 log = logging.getLogger(__name__)
 HELD_MAX = 64
-SYN_MASK = SYN | ACK | RST | FIN
 
 
 class Stack:
@@ -72,30 +72,12 @@ class Stack:
 
     def receive(self, frames: list[bytes]) -> None:
         """A batch of frames from the port; ACKs owed are sent once at the end. A segment
-        of a known TCP flow from the guest's known MAC goes to its flow directly."""
+        of a known TCP flow from the guest's known MAC goes to its flow directly (parsing and
+        dispatch in hvcore.nettcp.dispatch)."""
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
-        parse, vnet, builder, conns = netpkt.parse, self.vnet, self.builder, self.tcp.conns
-        pkts = [parse(frame, vnet) for frame in frames]
-        if len(pkts) > 1:
-            pkts = syns_first(pkts)
-        for pkt in pkts:
-            try:
-                if pkt.kind == IPV4 and pkt.proto == 6 and pkt.ttl > 1 and \
-                        pkt.mac_src == builder.guest_mac:
-                    key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
-                    conn = conns.get(key)
-                    if conn is not None and conn.state != TIME_WAIT:
-                        conn.segment(pkt)
-                        continue
-                    if conn is None and pkt.flags & SYN_MASK == SYN:
-                        self.tcp.syn(pkt, key)     # a new connection
-                        continue
-                self.packet(pkt)
-            except Exception:               # a bug must cost one frame, not the service
-                self.counters["internal errors"] += 1
-                if self.counters["internal errors"] == 1:
-                    log.exception("pyhv net: internal error on a frame (dropped)")
+        dispatch(frames, self.vnet, self.builder, self.tcp.conns, self.tcp.syn, self.packet,
+                 self._frame_error)
         if self.ack_pending:
             pending, self.ack_pending = self.ack_pending, set()
             for conn in pending:
@@ -104,6 +86,12 @@ class Stack:
             self.host_written = False       # work runs while we wait for its answer
             if self.deferred:
                 self._run_deferred()
+
+    def _frame_error(self) -> None:
+        """A bug must cost one frame, not the service (called in the except block)."""
+        self.counters["internal errors"] += 1
+        if self.counters["internal errors"] == 1:
+            log.exception("pyhv net: internal error on a frame (dropped)")
 
     def delay_ack(self, conn) -> None:
         """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
@@ -131,22 +119,25 @@ class Stack:
         self.delack_timer = None
         delayed, self.delayed = self.delayed, set()
         for conn in delayed:
-            self._guarded(conn.delayed_ack)
+            try:
+                conn.delayed_ack()
+            except Exception:
+                self._deferred_error()
         self._run_deferred()
 
     def _run_deferred(self) -> None:
+        """Each deferred call is guarded: a bug costs that call, not the ones after it."""
         deferred, self.deferred = self.deferred, []
         for callback in deferred:
-            self._guarded(callback)
+            try:
+                callback()
+            except Exception:
+                self._deferred_error()
 
-    def _guarded(self, callback) -> None:
-        """One deferred call: a bug costs that call, not the ones after it."""
-        try:
-            callback()
-        except Exception:
-            self.counters["internal errors"] += 1
-            if self.counters["internal errors"] == 1:
-                log.exception("pyhv net: internal error in deferred work")
+    def _deferred_error(self) -> None:
+        self.counters["internal errors"] += 1
+        if self.counters["internal errors"] == 1:
+            log.exception("pyhv net: internal error in deferred work")
 
     def frame(self, frame: bytes) -> None:
         self.packet(netpkt.parse(frame, self.vnet))
@@ -276,27 +267,3 @@ class Stack:
 
 def netpkt_ipstr(value: int) -> str:
     return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
-
-
-def _is_syn(pkt) -> bool:
-    return pkt.kind == IPV4 and pkt.proto == 6 and pkt.flags & SYN_MASK == SYN
-
-
-def syns_first(pkts: list) -> list:
-    """The batch with new connections' SYNs moved to the front: a guest that closes one
-    connection and opens the next sends FIN and SYN together, and the SYN-ACK (what the
-    guest waits for) should not wait behind the old flow's close. Frames of one flow keep
-    their order: when a SYN shares its flow with another frame of the batch, nothing moves."""
-    for p in pkts[1:]:                  # (most batches have none after the first frame)
-        if p.flags & SYN_MASK == SYN and p.proto == 6 and p.kind == IPV4:
-            break
-    else:
-        return pkts
-    syns = [p for p in pkts if _is_syn(p)]
-    if not syns or len(syns) == len(pkts):
-        return pkts
-    others = [p for p in pkts if not _is_syn(p)]
-    keys = {(p.src, p.sport, p.dst, p.dport) for p in others if p.kind == IPV4}
-    if any((p.src, p.sport, p.dst, p.dport) in keys for p in syns):
-        return pkts
-    return syns + others
