@@ -143,6 +143,7 @@ cdef int q2_raise(Q2 *q, int rc) except -1
 cdef int pread_exact(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int pread_data(Q2 *q, void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int read_table(Q2 *q, uint64_t *dst, uint64_t n, uint64_t off) noexcept nogil
+cdef int write_table(Q2 *q, const uint64_t *src, uint64_t n, uint64_t off) noexcept nogil
 cdef int pwrite_all(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil
 cdef int q2_sync(Q2 *q) noexcept nogil
 cdef int flush_pw(Q2 *q) noexcept nogil

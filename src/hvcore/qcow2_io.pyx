@@ -6,10 +6,11 @@ error state that nogil code fills and `q2_raise` turns into one Qcow2Error line.
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.errno cimport EINTR, EINVAL, errno
+from libc.stdlib cimport free, malloc
 from posix.uio cimport pwritev
 from posix.unistd cimport fdatasync, pread, pwrite
 
-from hvcore.includes.endian cimport be64toh
+from hvcore.includes.endian cimport be64toh, htobe64
 
 import os
 
@@ -258,6 +259,20 @@ cdef int read_table(Q2 *q, uint64_t *dst, uint64_t n, uint64_t off) noexcept nog
     for i in range(n):
         dst[i] = be64toh(dst[i])
     return 0
+
+
+cdef int write_table(Q2 *q, const uint64_t *src, uint64_t n, uint64_t off) noexcept nogil:
+    """Write n host-order entries big-endian at off (read_table's twin: L1, refcount table)."""
+    cdef uint64_t i
+    cdef uint64_t *tmp = <uint64_t*>malloc(max(n, 1) * 8)
+    cdef int rc
+    if tmp == NULL:
+        return q2_fail(q, E_NOMEM, 0, 0)
+    for i in range(n):
+        tmp[i] = htobe64(src[i])
+    rc = pwrite_all(q, tmp, n * 8, off)
+    free(tmp)
+    return rc
 
 
 cdef int pwrite_all(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil:

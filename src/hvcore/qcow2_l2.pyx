@@ -15,7 +15,7 @@ from hvcore.qcow2_cache cimport (bc_drop, bc_fill, bc_grow, bc_init, bc_release,
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_BITMAP, E_DATA_ALIGN,
                               E_L1_RANGE, E_L2_ALIGN, E_NOMEM, K_COMP, K_DATA, K_UNALLOC,
                               K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_drain,
-                              q2_fail, q2_sync)
+                              q2_fail, q2_sync, write_table)
 from hvcore.qcow2_refcount cimport (add_free, alloc, apply_frees, meta_set,
                                     write_refcounts)
 
@@ -208,18 +208,10 @@ cdef int l1_grow(Q2 *q, uint64_t new_size) noexcept nogil:
 
 
 cdef int write_l1(Q2 *q) noexcept nogil:
-    cdef uint64_t *tmp
-    cdef uint64_t i, off
+    cdef uint64_t off
     cdef uint32_t n
-    tmp = <uint64_t*>malloc(max(q.l1_size, 1) * 8)
-    if tmp == NULL:
-        return q2_fail(q, E_NOMEM, 0, 0)
-    for i in range(q.l1_size):
-        tmp[i] = htobe64(q.l1[i])
-    if pwrite_all(q, tmp, q.l1_size * 8, q.l1_offset) < 0:
-        free(tmp)
+    if write_table(q, q.l1, q.l1_size, q.l1_offset) < 0:
         return -1
-    free(tmp)
     if q.l1_moved:
         if q2_sync(q) < 0:
             return -1

@@ -13,7 +13,7 @@ from hvcore.qcow2_cache cimport (bc_drop, bc_fill, bc_forget, bc_grow, bc_init, 
                                  bc_slot, bc_victim)
 from hvcore.qcow2_io cimport (COMPRESSED, E_FULL, E_NOMEM, E_RB_ALIGN, E_RC_OVERFLOW,
                               E_RC_UNDERFLOW, MAX_HOST, OFF_MASK, RT_MASK, Q2, flush_pw,
-                              pread_exact, pwrite_all, q2_fail, q2_sync)
+                              pread_exact, pwrite_all, q2_fail, q2_sync, write_table)
 
 
 cdef int rc_init(Q2 *q, uint64_t rt_clusters, uint64_t rb_cache) noexcept nogil:
@@ -347,7 +347,6 @@ cdef int write_refcounts(Q2 *q, bint barrier) noexcept nogil:
     """Write dirty refcount blocks and the table (moved: then the header fields too)."""
     cdef int32_t s
     cdef uint64_t i
-    cdef uint64_t *tmp
     cdef uint32_t clusters
     if barrier:
         if flush_pw(q) < 0 or q2_sync(q) < 0:
@@ -356,15 +355,8 @@ cdef int write_refcounts(Q2 *q, bint barrier) noexcept nogil:
         if q.rb.idx[s] >= 0 and q.rb.dirty[s] and write_rb_slot(q, s) < 0:
             return -1
     if q.rt_dirty:
-        tmp = <uint64_t*>malloc(q.rt_n * 8)
-        if tmp == NULL:
-            return q2_fail(q, E_NOMEM, 0, 0)
-        for i in range(q.rt_n):
-            tmp[i] = htobe64(q.rt[i])
-        if pwrite_all(q, tmp, q.rt_n * 8, q.rt_offset) < 0:
-            free(tmp)
+        if write_table(q, q.rt, q.rt_n, q.rt_offset) < 0:
             return -1
-        free(tmp)
         q.rt_dirty = False
         if q.rt_moved:
             if q2_sync(q) < 0:
