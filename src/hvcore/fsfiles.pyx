@@ -23,10 +23,8 @@ from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_read_in
                                    fuse_write_in, fuse_write_out, FUSE_READ, FUSE_WRITE,
                                    FUSE_WRITE_KILL_SUIDGID)
 from hvcore.includes.stat cimport stat, fstatat
-from hvcore.includes.sys cimport (pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock,
-                                  pthread_mutexattr_t, pthread_mutexattr_init,
-                                  pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
+from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_mutex_destroy,
+                                  pthread_mutex_lock, pthread_mutex_unlock)
 
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 DEF SPLICE_MIN = 32768          # smaller reads: one copy more costs less than two syscalls
@@ -43,10 +41,7 @@ cdef class FileTable:
     `serve(req, out)` answers READ and WRITE."""
 
     def __cinit__(self):
-        cdef pthread_mutexattr_t attr
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)    # short sections: spin
-        pthread_mutex_init(&self.lock, &attr)
+        adaptive_mutex_init(&self.lock)
         self.cap = 0
         self.slots = NULL
         self.hint = 0

@@ -27,10 +27,8 @@ from hvcore.fsops cimport Stat
 from hvcore.includes.fcntl cimport O_NOFOLLOW, O_PATH
 from hvcore.includes.fhandle cimport file_handle, open_by_handle_at
 from hvcore.includes.inotify cimport inotify_rm_watch
-from hvcore.includes.sys cimport (pthread_mutex_init, pthread_mutex_destroy,
-                                  pthread_mutex_lock, pthread_mutex_unlock,
-                                  pthread_mutexattr_t, pthread_mutexattr_init,
-                                  pthread_mutexattr_settype, PTHREAD_MUTEX_ADAPTIVE_NP)
+from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_mutex_destroy,
+                                  pthread_mutex_lock, pthread_mutex_unlock)
 
 import os as _os
 
@@ -57,10 +55,7 @@ cdef class NodeTable:
 
     def __cinit__(self, int root_fd, uint64_t dev, uint64_t ino, int capacity,
                   bint use_handles):
-        cdef pthread_mutexattr_t attr
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)    # short sections: spin
-        pthread_mutex_init(&self.lock, &attr)
+        adaptive_mutex_init(&self.lock)
         self.cap = 0
         self.nodes = NULL
         self.nbuckets = 0

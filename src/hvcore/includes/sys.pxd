@@ -41,7 +41,19 @@ cdef extern from "<pthread.h>" nogil:
         pass
     int pthread_mutexattr_init(pthread_mutexattr_t *attr)
     int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
     enum: PTHREAD_MUTEX_ADAPTIVE_NP
+
+
+cdef inline int adaptive_mutex_init(pthread_mutex_t *m) noexcept nogil:
+    """A mutex for short critical sections: spins a little before sleeping."""
+    cdef pthread_mutexattr_t attr
+    cdef int rc
+    pthread_mutexattr_init(&attr)
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)
+    rc = pthread_mutex_init(m, &attr)
+    pthread_mutexattr_destroy(&attr)
+    return rc
 
 
 cdef extern from "<poll.h>" nogil:
