@@ -56,32 +56,25 @@ cdef class Builder:
 
     def arp_reply(self, uint64_t tha, uint32_t tpa, uint32_t spa) -> bytearray:
         """ARP reply: `spa` is at the gateway's MAC, sent to (tha, tpa)."""
-        cdef uint8_t *a
-        cdef bytearray out = self._frame(28, 0x0806, &a)
-        put16(a, 1)
-        put16(a + 2, 0x0800)
-        a[4] = 6
-        a[5] = 4
-        put16(a + 6, 2)
-        putmac(a + 8, self.gateway_mac)
-        put32(a + 14, spa)
-        putmac(a + 18, tha)
-        put32(a + 24, tpa)
-        return out
+        return self._arp(2, self.guest_mac, tha, tpa, spa)
 
     def arp_request(self, uint32_t tpa, uint32_t spa) -> bytearray:
         """Broadcast ARP request from the gateway's MAC: who has `tpa`? (tell `spa`)."""
+        return self._arp(1, 0xffffffffffff, 0, tpa, spa)
+
+    cdef bytearray _arp(self, int op, uint64_t dst, uint64_t tha, uint32_t tpa, uint32_t spa):
+        """An Ethernet/IPv4 ARP frame from the gateway's MAC to `dst`."""
         cdef uint8_t *a
         cdef bytearray out = self._frame(28, 0x0806, &a)
-        putmac(a - ETH, 0xffffffffffff)
+        putmac(a - ETH, dst)
         put16(a, 1)
         put16(a + 2, 0x0800)
         a[4] = 6
         a[5] = 4
-        put16(a + 6, 1)
+        put16(a + 6, op)
         putmac(a + 8, self.gateway_mac)
         put32(a + 14, spa)
-        putmac(a + 18, 0)
+        putmac(a + 18, tha)
         put32(a + 24, tpa)
         return out
 
