@@ -79,7 +79,7 @@ cdef class Builder:
         return out
 
     def udp(self, uint32_t src, int sport, uint32_t dst, int dport, payload) -> bytearray:
-        """A UDP datagram in one frame (callers keep it within the MTU)."""
+        """A UDP datagram in one frame (`fit` cuts it to the MTU)."""
         cdef const uint8_t[::1] b = memoryview(payload).cast("B")
         cdef Py_ssize_t n = b.shape[0]
         cdef uint8_t *ip
@@ -98,6 +98,38 @@ cdef class Builder:
             memcpy(u + 8, &b[0], n)
         s = (~fold(<uint64_t>sum_big(u, 8 + n) + pseudo(src, dst, 17, 8 + n))) & 0xffff
         put16(u + 6, s if s else 0xffff)
+        return out
+
+    cpdef list fit(self, bytearray frame):
+        """`frame` as the guest can take it: [frame] when its IPv4 datagram fits the MTU,
+        else its fragments (RFC 791: data in multiples of 8 bytes, MF on all but the last,
+        the original's id, DF cleared, each header's checksum redone), as a router between
+        the host's 64 KiB datagrams (UDP replies, ICMP echo replies) and a 1500-byte link
+        does. TCP never needs this: its segments are cut to the MSS."""
+        cdef Py_ssize_t hdr = (VNET if self.vnet else 0) + ETH
+        cdef Py_ssize_t total = len(frame) - hdr
+        if total <= self.mtu:
+            return [frame]
+        cdef const uint8_t *src = <uint8_t *>PyByteArray_AS_STRING(frame)
+        cdef const uint8_t *ip = src + hdr
+        cdef Py_ssize_t ihl = (ip[0] & 15) * 4
+        cdef Py_ssize_t data = total - ihl, step = ((self.mtu - ihl) // 8) * 8, off = 0, n
+        cdef bytearray piece
+        cdef uint8_t *q
+        cdef list out = []
+        while off < data:
+            n = min(step, data - off)
+            piece = PyByteArray_FromStringAndSize(NULL, hdr + ihl + n)
+            q = <uint8_t *>PyByteArray_AS_STRING(piece)
+            memcpy(q, src, hdr + ihl)
+            q += hdr
+            put16(q + 2, ihl + n)
+            put16(q + 6, (off >> 3) | (0x2000 if off + n < data else 0))
+            put16(q + 10, 0)
+            put16(q + 10, (~sum16(q, ihl)) & 0xffff)
+            memcpy(q + ihl, ip + ihl + off, n)
+            out.append(piece)
+            off += n
         return out
 
     def icmp(self, uint32_t src, uint32_t dst, int icmp_type, int code, uint32_t rest,

@@ -57,16 +57,20 @@ def halfclose_host(host: str, port: str) -> None:
     print(got)
 
 
-def udp_echo(host: str, port: str) -> None:
+def udp_echo(host: str, port: str, size: str = "") -> None:
+    """Prints the echoed text, or with `size` the size of an echo equal to what was sent
+    (datagrams over the MTU come back as IP fragments)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(2)
+    msg = bytes(i * 7 % 251 for i in range(int(size))) if size else b"udp-hello"
     for _ in range(5):
-        s.sendto(b"udp-hello", (host, int(port)))
+        s.sendto(msg, (host, int(port)))
         try:
-            print(s.recv(100).decode())
-            return
+            got = s.recv(65536)
         except TimeoutError:
             continue
+        print(len(got) if size and got == msg else got.decode(errors="replace")[:100])
+        return
     print("no reply")
 
 

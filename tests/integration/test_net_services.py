@@ -109,6 +109,35 @@ def test_mtu_1500(make_ns, files, offload):
     assert fetch_sha(ns, url) == digest
 
 
+def test_mtu_1500_carries_datagrams_larger_than_the_mtu(make_ns):
+    """Host UDP replies and echo replies over 1500 bytes reach the guest as IP fragments
+    (the guest's own fragments are reassembled on the way out)."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+
+    def echo():
+        while True:
+            try:
+                data, addr = udp.recvfrom(65536)
+                udp.sendto(data, addr)
+            except OSError:
+                return
+
+    threading.Thread(target=echo, daemon=True).start()
+    try:
+        ns = make_ns("--mtu", "1500")
+        port = str(udp.getsockname()[1])
+        for size in ("1472", "1473", "4000", "65000"):
+            assert ns.client("udp_echo", ALIAS, port, size).strip() == size
+        out = ns.run("busybox", "ping", "-c", "2", "-s", "3000", GW).stdout
+        assert "2 packets received" in out and "3008 bytes from" in out
+        counters = ns.stats()["counters"]
+        assert counters["udp datagrams fragmented"] >= 3
+        assert counters["fragments"] >= 3
+    finally:
+        udp.close()
+
+
 @pytest.mark.parametrize("transport", ["stream", "dgram"])
 def test_transports_carry_linux_tcp(make_ns, files, transport):
     ns = make_ns(transport=transport)

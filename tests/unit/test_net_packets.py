@@ -136,3 +136,35 @@ def test_scatter_frames_equal_copied_ones(vnet):
         pc, pj = n.parse(bytes(c), vnet=vnet), n.parse(j, vnet=vnet)
         assert pj.reason == 0 and bytes(pj.payload) == bytes(pc.payload)
         assert (pj.seq, pj.flags, pj.gso_size) == (pc.seq, pc.flags, pc.gso_size)
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+@pytest.mark.parametrize("size", [1472, 1473, 4000, 65507])
+def test_fit_fragments_datagrams_larger_than_the_mtu(vnet, size):
+    b = builder(vnet)
+    b.mtu = 1500
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    whole = b.udp(GW, 53, GUEST, 5353, data)
+    frames = b.fit(whole)
+    hdr = (10 if vnet else 0) + 14
+    if 28 + size <= 1500:
+        assert frames == [whole]
+        return
+    assert len(frames) == -(-(8 + size) // 1480)
+    joined, ids = b"", set()
+    for i, f in enumerate(frames):
+        f = bytes(f)
+        assert f[:hdr] == bytes(whole[:hdr])                   # same vnet + Ethernet header
+        ip = f[hdr:hdr + 20]
+        assert len(f) - hdr == struct.unpack("!H", ip[2:4])[0] <= 1500
+        assert ref_checksum(ip) == 0                            # header checksum redone
+        word = struct.unpack("!H", ip[6:8])[0]
+        assert not word & 0x4000                                # DF cleared
+        assert bool(word & 0x2000) == (i < len(frames) - 1)     # MF on all but the last
+        assert (word & 0x1FFF) * 8 == len(joined)               # contiguous offsets
+        assert (len(f) - hdr - 20) % 8 == 0 or i == len(frames) - 1
+        assert n.parse(f, vnet).kind == n.FRAGMENT
+        ids.add(ip[4:6])
+        joined += f[hdr + 20:]
+    assert len(ids) == 1 and ids == {bytes(whole[hdr + 4:hdr + 6])}
+    assert joined == bytes(whole[hdr + 20:])                    # UDP header + data, intact

@@ -63,11 +63,14 @@ def test_dhcp_options_bounds():
     assert parse_options(b"\x35") is None
 
 
-def fragments(payload: bytes, pieces: list[tuple[int, int, int]], ident: int = 9):
-    """IPv4 fragments of a UDP datagram: (offset in 8-byte units, length, more)."""
-    b = n.Builder(1)
-    b.guest_mac = 2
-    whole = bytes(b.udp(0x0A000001, 1, 0x0A000002, 2, payload))[14:]
+def fragments(payload: bytes, pieces: list[tuple[int, int, int]], ident: int = 9,
+              whole: bytes | None = None, eth: bytes = bytes(12)):
+    """IPv4 fragments of a UDP datagram (or of the IP datagram `whole`): (offset in 8-byte
+    units, length, more), after the Ethernet addresses `eth`."""
+    if whole is None:
+        b = n.Builder(1)
+        b.guest_mac = 2
+        whole = bytes(b.udp(0x0A000001, 1, 0x0A000002, 2, payload))[14:]
     body = whole[20:]
     out = []
     for off, length, more in pieces:
@@ -77,8 +80,7 @@ def fragments(payload: bytes, pieces: list[tuple[int, int, int]], ident: int = 9
         hdr[6:8] = struct.pack("!H", (more << 13) | off)
         hdr[10:12] = b"\0\0"
         hdr[10:12] = struct.pack("!H", n.checksum(hdr))
-        out.append(n.parse(bytes(12) + b"\x08\x00" + bytes(hdr) + body[off * 8:off * 8
-                                                                           + length]))
+        out.append(n.parse(eth + b"\x08\x00" + bytes(hdr) + body[off * 8:off * 8 + length]))
     return out
 
 
@@ -89,6 +91,39 @@ def test_fragments_reassemble_in_any_order():
     assert frags.add(parts[0]) is None
     whole = n.parse_ip(frags.add(parts[1]))
     assert (whole.kind, whole.proto, bytes(whole.payload)) == (n.IPV4, 17, b"p" * 40)
+
+
+def test_fragmented_echo_keeps_the_guest_mac_and_is_answered_in_fragments():
+    """The reassembled datagram has no Ethernet header: the guest's MAC must come from
+    its fragments (it once became 00:00:00:00:00:00, and every later reply went astray),
+    and a reply larger than the MTU goes back as fragments."""
+    from pyhv.net.config import ip
+    from pyhv.net.ports import FramePort
+    from pyhv.net.stack import Stack
+
+    class Recorder(FramePort):
+        def __init__(self):
+            super().__init__()
+            self.sent = []
+
+        def send(self, frames):
+            self.sent.extend(bytes(f) for f in frames)
+
+    port = Recorder()
+    stack = Stack(NetConfig(mtu=1500), port)
+    guest_mac = 0x5255_0A00_0002
+    gw, guest = ip("192.168.65.1"), ip("192.168.65.2")
+    b = n.Builder(guest_mac)
+    b.guest_mac = stack.builder.gateway_mac
+    echo = bytes(b.icmp(guest, gw, 8, 0, (5 << 16) | 1, bytes(range(256)) * 12))[14:]
+    eth = stack.builder.gateway_mac.to_bytes(6, "big") + guest_mac.to_bytes(6, "big")
+    for part in fragments(b"", [(0, 1480, 1), (185, len(echo) - 20 - 1480, 0)], whole=echo,
+                          eth=eth):
+        stack.packet(part)
+    assert stack.builder.guest_mac == guest_mac
+    assert len(port.sent) == 3 and all(f[:6] == guest_mac.to_bytes(6, "big")
+                                       for f in port.sent)
+    assert stack.counters["icmp echo answered"] == 1
 
 
 def test_overlapping_fragments_drop_the_datagram():

@@ -41,7 +41,8 @@ class Icmp:
         rest = (pkt.icmp_id << 16) | pkt.icmp_seq
         if pkt.dst == cfg.gw or (cfg.alias is not None and pkt.dst == cfg.alias):
             stack.counters["icmp echo answered"] += 1
-            stack.send([stack.builder.icmp(pkt.dst, pkt.src, 0, 0, rest, pkt.payload)])
+            stack.send(stack.builder.fit(stack.builder.icmp(pkt.dst, pkt.src, 0, 0, rest,
+                                                           pkt.payload)))
             return
         if stack.host_target(pkt.dst, 0, "icmp") is None:
             stack.counters["icmp echo refused"] += 1
@@ -106,8 +107,9 @@ class Icmp:
     def _reply(self, flow: _Flow, seq: int, payload: bytes) -> None:
         flow.seen = time.monotonic()
         self.stack.counters["icmp echo replies"] += 1
-        self.stack.send([self.stack.builder.icmp(flow.dst, flow.guest, 0, 0,
-                                                 (flow.guest_id << 16) | seq, payload)])
+        builder = self.stack.builder
+        self.stack.send(builder.fit(builder.icmp(flow.dst, flow.guest, 0, 0,
+                                                 (flow.guest_id << 16) | seq, payload)))
 
     def _dgram_reply(self, flow: _Flow) -> None:
         try:

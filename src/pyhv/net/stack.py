@@ -145,12 +145,14 @@ class Stack:
     def packet(self, pkt) -> None:
         kind = pkt.kind
         if kind == IPV4:
+            self.learn(pkt)
             self.ip(pkt)
         elif kind == ARP:
             self.arp(pkt)
         elif kind == FRAGMENT:
             self.counters["fragments"] += 1
-            whole = self.frags.add(pkt)
+            self.learn(pkt)                 # (the reassembled datagram has no Ethernet
+            whole = self.frags.add(pkt)     # header: the MAC is learnt from its fragments)
             if whole is not None:
                 ip = netpkt.parse_ip(whole)
                 if ip.kind == IPV4:
@@ -192,7 +194,6 @@ class Stack:
         self.send([self.builder.arp_reply(pkt.arp_sha, pkt.arp_spa, tpa)])
 
     def ip(self, pkt) -> None:
-        self.learn(pkt)
         if pkt.ttl <= 1 and pkt.dst != self.cfg.gw:      # we are a hop: it expires here
             self.counters["dropped: ttl expired"] += 1
             if pkt.dst >> 28 != 14 and pkt.dst != 0xFFFFFFFF and pkt.dst != self.cfg.broadcast:

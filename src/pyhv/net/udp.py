@@ -95,10 +95,10 @@ class UdpNat:
             self.flows.pop(flow.key, None)
 
     def to_guest(self, src: int, sport: int, dst: int, dport: int, data: bytes) -> None:
-        if len(data) + 28 > self.stack.cfg.mtu:
-            self.stack.counters["udp dropped: larger than mtu"] += 1
-            return
-        self.stack.send([self.stack.builder.udp(src, sport, dst, dport, data)])
+        frames = self.stack.builder.fit(self.stack.builder.udp(src, sport, dst, dport, data))
+        if len(frames) > 1:
+            self.stack.counters["udp datagrams fragmented"] += 1
+        self.stack.send(frames)
 
     def _sweep(self, reschedule: bool = True) -> None:
         now, idle = time.monotonic(), self.stack.cfg.udp_idle_timeout
