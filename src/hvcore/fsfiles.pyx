@@ -18,7 +18,7 @@ from libc.string cimport memset
 from posix.unistd cimport pread, pwrite, close, read, write
 
 from hvcore.fsattr cimport reply_header
-from hvcore.includes.fcntl cimport AT_EMPTY_PATH
+from hvcore.includes.fcntl cimport AT_EMPTY_PATH, splice
 from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_read_in,
                                    fuse_write_in, fuse_write_out, FUSE_READ, FUSE_WRITE,
                                    FUSE_WRITE_KILL_SUIDGID)
@@ -28,11 +28,6 @@ from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_mutex_destroy,
 
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 DEF SPLICE_MIN = 32768          # smaller reads: one copy more costs less than two syscalls
-
-# (belongs in includes/fcntl.pxd; kept here until includes/ takes new declarations)
-cdef extern from "<fcntl.h>" nogil:
-    ssize_t splice(int fd_in, int64_t *off_in, int fd_out, int64_t *off_out, size_t len,
-                   unsigned int flags)
 
 
 cdef class FileTable:

@@ -5,8 +5,8 @@ Lookups that cannot leave their directory (openat2 RESOLVE_BENEATH | RESOLVE_NO_
 stat with nanosecond times (`Stat`, whose struct the reply encoders in `fuseproto` read),
 renameat2, fchownat on O_PATH descriptors, fallocate, file handles (name_to_handle_at /
 open_by_handle_at), directory listings packed as fuse_dirent records straight from
-getdents64, and inotify record decoding. Every call releases the GIL around the syscall and
-raises OSError with the errno text after taking it back.
+getdents64 (inotify records are read in C by `fswatch`). Every call releases the GIL
+around the syscall and raises OSError with the errno text after taking it back.
 
 The tables the fast paths serve from live in `fsfiles` (open files) and `fsnodes` (inodes);
 `fsfast` answers requests from them.
@@ -16,13 +16,12 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EINVAL, ENOSYS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memchr, memcpy, memset, strlen
+from libc.string cimport memcpy, memset, strlen
 from posix.unistd cimport lseek, close
 from posix.fcntl cimport O_CREAT
 
 from hvcore.includes.fuse cimport fuse_dirent, FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS
 from hvcore.includes.dirent cimport dirent64, getdents64
-from hvcore.includes.inotify cimport inotify_event
 from hvcore.includes.openat2 cimport (open_how, syscall, SYS_openat2, RESOLVE_BENEATH,
                                       RESOLVE_NO_SYMLINKS, RESOLVE_NO_MAGICLINKS)
 from hvcore.includes.stat cimport fstatat
@@ -185,7 +184,7 @@ def list_dir(int fd, int64_t offset, uint32_t size) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lookups that stay inside their directory, ownership and space calls, inotify records.
+# Lookups that stay inside their directory, ownership and space calls, file handles.
 
 DEF HANDLE_MAX = 128           # MAX_HANDLE_SZ
 DEF HANDLE_HEADER = 8          # struct file_handle before f_handle
@@ -307,24 +306,3 @@ refuses those) on the same mount."""
     if fd < 0:
         raise OSError(err, _os.strerror(err))
     return fd
-
-
-def inotify_events(buf) -> list:
-    """Decode a read() from an inotify descriptor: [(wd, mask, cookie, name), ...]."""
-    cdef const uint8_t[::1] view = buf
-    cdef Py_ssize_t n = view.shape[0], pos = 0
-    cdef const inotify_event *ev
-    cdef size_t hdr = sizeof(inotify_event)
-    result = []
-    while pos + <Py_ssize_t>hdr <= n:
-        ev = <const inotify_event *>&view[pos]
-        if pos + <Py_ssize_t>hdr + ev.len > n:
-            break
-        if ev.len:
-            namelen = strlen(ev.name) if memchr(ev.name, 0, ev.len) != NULL else ev.len
-            name = PyBytes_FromStringAndSize(ev.name, namelen)
-        else:
-            name = b""
-        result.append((ev.wd, ev.mask, ev.cookie, name))
-        pos += hdr + ev.len
-    return result
