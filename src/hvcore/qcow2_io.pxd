@@ -7,13 +7,8 @@ from posix.uio cimport iovec
 from hvcore.qcow2_cache cimport BlockCache
 
 
-# Only the types: the Q2 struct embeds a mutex and a condition variable (qcow2_io.pyx calls
-# the pthread functions).
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
+# The Q2 struct embeds a mutex and a condition variable.
+from hvcore.includes.sys cimport pthread_cond_t, pthread_mutex_t
 
 
 cdef extern from *:

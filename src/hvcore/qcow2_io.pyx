@@ -11,25 +11,12 @@ from posix.uio cimport pwritev
 from posix.unistd cimport fdatasync, pread, pwrite
 
 from hvcore.includes.endian cimport be64toh, htobe64
+from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_cond_broadcast,
+                                  pthread_cond_destroy, pthread_cond_init, pthread_cond_wait,
+                                  pthread_mutex_destroy, pthread_mutex_lock,
+                                  pthread_mutex_unlock)
 
 import os
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutexattr_t:
-        pass
-    int PTHREAD_MUTEX_ADAPTIVE_NP
-    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
-    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
-    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
-    int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-    int pthread_cond_init(pthread_cond_t *c, const void *attr)
-    int pthread_cond_destroy(pthread_cond_t *c)
-    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
-    int pthread_cond_broadcast(pthread_cond_t *c)
 
 
 # The error state of the calling thread: nogil code records the first error of a call
@@ -69,14 +56,8 @@ class Qcow2Error(OSError):
 # -- locking --------------------------------------------------------------------------------
 
 cdef int q2_lock_init(Q2 *q) noexcept nogil:
-    cdef pthread_mutexattr_t attr
-    pthread_mutexattr_init(&attr)
-    # short critical sections between preads: spin a little before sleeping
-    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)
-    if pthread_mutex_init(&q.lock, &attr) != 0:
-        pthread_mutexattr_destroy(&attr)
+    if adaptive_mutex_init(&q.lock) != 0:      # short critical sections between preads
         return -1
-    pthread_mutexattr_destroy(&attr)
     if pthread_cond_init(&q.idle, NULL) != 0:
         pthread_mutex_destroy(&q.lock)
         return -1
@@ -293,50 +274,24 @@ cdef int pwrite_all(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept n
 cdef int pwrite_data(Q2 *q, const void *buf, uint64_t n, uint64_t off) noexcept nogil:
     """Write guest data into a mapped cluster outside the lock (through the O_DIRECT
     descriptor when aligned); the caller made sure it ends inside the file."""
+    cdef iovec one
+    one.iov_base = <void*>buf
+    one.iov_len = n
+    return write_iov(q, &one, 1, off)
+
+
+cdef int write_iov(Q2 *q, iovec *iov, int cnt, uint64_t off) noexcept nogil:
+    """pwritev all of `iov` (which it consumes) at `off`, resumed after short writes and
+    EINTR; through the O_DIRECT descriptor when everything is aligned, falling back to the
+    page cache when the device wants a larger alignment (EINVAL)."""
     cdef ssize_t r
-    cdef uint64_t done = 0
-    cdef int fd = q.fd
-    if q.dfd >= 0 and aligned(n) and aligned(off) and aligned(<uint64_t>buf):
-        fd = q.dfd
-    while done < n:
-        r = pwrite(fd, <const uint8_t*>buf + done, n - done, off + done)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            if errno == EINVAL and fd != q.fd:
-                fd = q.fd           # the device wants larger alignment: page cache
-                continue
-            return q2_fail(q, E_IO, errno, off)
-        done += r
-    return 0
-
-
-cdef int q2_sync(Q2 *q) noexcept nogil:
-    """A flush barrier (none with cache=unsafe: the order of writes is kept anyway)."""
-    if q.unsafe_cache:
-        return 0
-    if fdatasync(q.fd) < 0:
-        return q2_fail(q, E_IO, errno, 0)
-    return 0
-
-
-cdef int flush_pw(Q2 *q) noexcept nogil:
-    """Issue the pending data write (one pwritev, resumed after a short write)."""
-    cdef ssize_t r
-    cdef iovec *iov = q.pw_iov
-    cdef int cnt = q.pw_niov
-    cdef uint64_t off = q.pw_host, end = q.pw_host + q.pw_len
     cdef int fd = q.fd, i
-    if q.pw_len == 0:
-        return 0
-    if q.dfd >= 0 and aligned(off) and aligned(q.pw_len):
+    if q.dfd >= 0 and aligned(off):
         fd = q.dfd
         for i in range(cnt):
             if not (aligned(<uint64_t>iov[i].iov_base) and aligned(iov[i].iov_len)):
                 fd = q.fd
                 break
-    q.pw_len = 0
-    q.pw_niov = 0
     while cnt:
         r = pwritev(fd, iov, cnt, off)
         if r < 0:
@@ -354,6 +309,28 @@ cdef int flush_pw(Q2 *q) noexcept nogil:
         if cnt:
             iov[0].iov_base = <uint8_t*>iov[0].iov_base + r
             iov[0].iov_len -= r
+    return 0
+
+
+cdef int q2_sync(Q2 *q) noexcept nogil:
+    """A flush barrier (none with cache=unsafe: the order of writes is kept anyway)."""
+    if q.unsafe_cache:
+        return 0
+    if fdatasync(q.fd) < 0:
+        return q2_fail(q, E_IO, errno, 0)
+    return 0
+
+
+cdef int flush_pw(Q2 *q) noexcept nogil:
+    """Issue the pending data write (one pwritev, resumed after a short write)."""
+    cdef uint64_t end = q.pw_host + q.pw_len
+    cdef int cnt = q.pw_niov
+    if q.pw_len == 0:
+        return 0
+    q.pw_len = 0
+    q.pw_niov = 0
+    if write_iov(q, q.pw_iov, cnt, q.pw_host) < 0:
+        return -1
     if end > q.file_end:
         q.file_end = end
     return 0
