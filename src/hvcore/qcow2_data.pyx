@@ -160,6 +160,12 @@ cdef int cow_write(Q2 *q, uint64_t gbase, uint64_t lo, uint64_t hi, uint64_t hos
     return pwrite_all(q, q.scratch, hi - lo, host + lo)
 
 
+cdef inline int64_t own_cluster(Q2 *q, uint64_t off) noexcept nogil:
+    """The host cluster a write goes to: `off` when the entry's cluster is already ours to
+    write in place, else a newly allocated one (-1 when allocation failed)."""
+    return <int64_t>off if off else alloc(q, 1)
+
+
 cdef int write_cluster(Q2 *q, uint64_t gc, uint64_t in_c, const uint8_t *buf,
                        uint64_t n) noexcept nogil:
     cdef int32_t s = l2_get(q, gc >> q.l2_bits, True)
@@ -182,13 +188,10 @@ cdef int write_cluster(Q2 *q, uint64_t gc, uint64_t in_c, const uint8_t *buf,
         if (e & COPIED) and off and not (e & (COMPRESSED | ZEROF)):
             return queue_pw(q, off + in_c, buf, n)
         reuse = off and (e & COPIED) and not (e & COMPRESSED)    # preallocated zero
-        if reuse:
-            host = off
-        else:
-            new = alloc(q, 1)
-            if new < 0:
-                return -1
-            host = <uint64_t>new
+        new = own_cluster(q, off if reuse else 0)
+        if new < 0:
+            return -1
+        host = <uint64_t>new
         if n < q.cluster_size and not reuse and host >= q.file_end and \
                 (off == 0 or (e & ZEROF)) and \
                 not (e & COMPRESSED) and (not q.has_backing or gbase >= q.backing_size):
@@ -215,13 +218,10 @@ cdef int write_cluster(Q2 *q, uint64_t gc, uint64_t in_c, const uint8_t *buf,
     s0 = in_c >> q.sc_bits
     s1 = (in_c + n - 1) >> q.sc_bits
     mask = ((1ULL << (s1 - s0 + 1)) - 1) << s0
-    if off:
-        host = off
-    else:
-        new = alloc(q, 1)
-        if new < 0:
-            return -1
-        host = <uint64_t>new
+    new = own_cluster(q, off)
+    if new < 0:
+        return -1
+    host = <uint64_t>new
     if off and (bm & mask) == mask:
         return queue_pw(q, host + in_c, buf, n)
     lo = s0 << q.sc_bits
