@@ -44,6 +44,20 @@ def eventually(check, timeout: float = 20.0):
         time.sleep(0.02)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="sysfs readahead is root's to set")
+def test_readahead_fills_a_whole_request(dirs):
+    """The mount's readahead is raised to max_write (1 MiB) once INIT is answered, from the
+    kernel's 128 KiB default; sequential reads then come in 1 MiB requests."""
+    host, mnt, _ = dirs
+    (host / "big").write_bytes(os.urandom(4 << 20))
+    with ShareMount(host, mnt):
+        dev = os.stat(mnt).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        assert eventually(lambda: Path(path).read_text().strip() == "1024"), \
+            Path(path).read_text()
+        assert (mnt / "big").read_bytes() == (host / "big").read_bytes()
+
+
 @pytest.mark.parametrize("cache", ["always", "auto"])
 def test_host_changes_reach_the_client(dirs, cache):
     host, mnt, _ = dirs

