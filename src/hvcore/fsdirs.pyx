@@ -15,13 +15,14 @@ from posix.fcntl cimport O_RDONLY, O_DIRECTORY, O_CLOEXEC
 from posix.unistd cimport lseek
 
 from hvcore.fsattr cimport Times, IdAxis, fill_entry_st, reply_header
+from hvcore.fsdirent cimport align8, put_dirent
 from hvcore.fsfiles cimport FileTable
 from hvcore.fslookup cimport lookup_fd
 from hvcore.fsnodes cimport NodeTable
 from hvcore.includes.dirent cimport dirent64, getdents64
 from hvcore.includes.fcntl cimport openat
 from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_read_in,
-                                   fuse_open_out, fuse_dirent, fuse_direntplus,
+                                   fuse_open_out, fuse_direntplus,
                                    FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS)
 from hvcore.includes.stat cimport stat
 from hvcore.includes.sys cimport (pthread_mutex_t, pthread_mutex_init, pthread_mutex_lock,
@@ -34,9 +35,6 @@ DEF S_IFDIR = 0o040000
 cdef pthread_mutex_t _listing
 pthread_mutex_init(&_listing, NULL)
 
-
-cdef inline size_t align8(size_t n) noexcept nogil:
-    return (n + 7) & ~<size_t>7
 
 
 cdef Py_ssize_t opendir(NodeTable nodes, FileTable files, const fuse_in_header *h,
@@ -74,7 +72,6 @@ cdef Py_ssize_t readdir(NodeTable nodes, FileTable files, const fuse_in_header *
     cdef uint8_t dents[DENTS_BUF]
     cdef ssize_t got, pos
     cdef dirent64 *d
-    cdef fuse_dirent *fd_out
     cdef fuse_direntplus *e
     cdef int fd, err = 0
     cdef bint full = False, dot
@@ -112,13 +109,7 @@ cdef Py_ssize_t readdir(NodeTable nodes, FileTable files, const fuse_in_header *
             budget += rec
             pos += d.d_reclen
             if not plus:
-                fd_out = <fuse_dirent *>(out + ohdr + used)
-                memset(fd_out, 0, rec)
-                fd_out.ino = d.d_ino
-                fd_out.off = <uint64_t>d.d_off
-                fd_out.namelen = <uint32_t>namelen
-                fd_out.type = d.d_type
-                memcpy(<char *>fd_out + FUSE_NAME_OFFSET, d.d_name, namelen)
+                put_dirent(out + ohdr + used, d, namelen, rec)
                 used += rec
                 continue
             e = <fuse_direntplus *>(out + ohdr + used)

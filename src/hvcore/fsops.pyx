@@ -20,7 +20,8 @@ from libc.string cimport memcpy, memset, strlen
 from posix.unistd cimport lseek, close
 from posix.fcntl cimport O_CREAT
 
-from hvcore.includes.fuse cimport fuse_dirent, FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS
+from hvcore.includes.fuse cimport FUSE_NAME_OFFSET, FUSE_NAME_OFFSET_DIRENTPLUS
+from hvcore.fsdirent cimport align8, put_dirent
 from hvcore.includes.dirent cimport dirent64, getdents64
 from hvcore.includes.openat2 cimport (open_how, syscall, SYS_openat2, RESOLVE_BENEATH,
                                       RESOLVE_NO_SYMLINKS, RESOLVE_NO_MAGICLINKS)
@@ -84,9 +85,6 @@ def lstat_at(int dirfd, bytes name not None) -> Stat:
 DEF DENTS_BUF = 32768
 
 
-cdef inline size_t align8(size_t n) noexcept nogil:
-    return (n + 7) & ~<size_t>7
-
 
 def read_dir(int fd, int64_t offset, uint32_t size) -> bytes:
     """READDIR payload: fuse_dirent records from `offset` (a d_off cookie) filling at most
@@ -98,7 +96,6 @@ def read_dir(int fd, int64_t offset, uint32_t size) -> bytes:
     cdef int err = 0
     cdef size_t namelen
     cdef dirent64 *d
-    cdef fuse_dirent *fd_out
     cdef bint full = False
     if out == NULL or dents == NULL:
         free(out)
@@ -123,13 +120,7 @@ def read_dir(int fd, int64_t offset, uint32_t size) -> bytes:
                 if used + rec > size:
                     full = True
                     break
-                fd_out = <fuse_dirent *>(out + used)
-                memset(fd_out, 0, rec)
-                fd_out.ino = d.d_ino
-                fd_out.off = <uint64_t>d.d_off
-                fd_out.namelen = <uint32_t>namelen
-                fd_out.type = d.d_type
-                memcpy(out + used + FUSE_NAME_OFFSET, d.d_name, namelen)
+                put_dirent(out + used, d, namelen, rec)
                 used += rec
                 pos += d.d_reclen
     free(dents)

@@ -20,6 +20,7 @@ from libc.string cimport memchr, memcpy, memset
 
 from hvcore.includes.fuse cimport *
 from hvcore.fsattr cimport fill_attr_st, split_time
+from hvcore.fsdirent cimport align8
 from hvcore.fsops cimport Stat
 
 KERNEL_MINOR = FUSE_KERNEL_MINOR_VERSION
@@ -462,9 +463,6 @@ def notify_delete(uint64_t parent, uint64_t child, bytes name not None) -> bytes
 # ---------------------------------------------------------------------------------------------
 # READDIRPLUS payloads (the entries come from fsops.list_dir).
 
-
-cdef inline size_t align8(size_t n) noexcept nogil:
-    return (n + 7) & ~<size_t>7
 
 
 cdef class DirentPlus:
