@@ -120,7 +120,8 @@ def register(subparsers) -> None:
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--pattern", type=int, default=0)
     p.add_argument("--flush-interval", type=int, default=0)
-    p.add_argument("--no-drain", action="store_true")
+    p.add_argument("--no-drain", action="store_true",
+                   help="accepted for qemu-img compatibility (flushes always drain)")
     p.add_argument("filename")
     p.set_defaults(handler=cmd_bench)
 
