@@ -47,6 +47,10 @@ ctypedef struct AioQ:
     io_event *events
 
 
+# the io_uring mapping alone (hvcore.fsring drives its own commands over it); SQE128 rings
+# (IORING_SETUP_SQE128) have 128-byte entries: index `sqes` in bytes
+cdef int uring_setup(AioQ *a, unsigned entries, unsigned flags) noexcept nogil
+cdef void uring_close(AioQ *a) noexcept nogil
 cdef void aq_prep(AioQ *a, unsigned tag, int fd, bint write, void *buf, uint64_t n,
                   uint64_t off, int rw_flags) noexcept nogil
 cdef int aq_wait(AioQ *a, AqDone *out, unsigned max_out) noexcept nogil

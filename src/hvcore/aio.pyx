@@ -22,7 +22,8 @@ from hvcore.includes.aio cimport (IOCB_CMD_PREAD, IOCB_CMD_PWRITE, IORING_ENTER_
                                   IORING_OFF_CQ_RING, IORING_OFF_SQ_RING, IORING_OFF_SQES,
                                   IORING_OP_READ, IORING_OP_READV, IORING_OP_WRITE,
                                   IORING_OP_WRITEV, IORING_SETUP_COOP_TASKRUN,
-                                  IORING_SETUP_SINGLE_ISSUER, SYS_io_destroy,
+                                  IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
+                                  SYS_io_destroy,
                                   SYS_io_getevents, SYS_io_setup, SYS_io_submit,
                                   SYS_io_uring_enter, SYS_io_uring_setup, aq_load_acquire,
                                   aq_store_release, io_event, io_uring_cqe, io_uring_params,
@@ -64,7 +65,7 @@ cdef int uring_setup(AioQ *a, unsigned entries, unsigned flags) noexcept nogil:
         if m == MAP_FAILED:
             return uring_undo(a, errno)
         a.cq_map = m
-    a.sqes_len = p.sq_entries * sizeof(io_uring_sqe)
+    a.sqes_len = p.sq_entries * sizeof(io_uring_sqe) * (2 if flags & IORING_SETUP_SQE128 else 1)
     a.sqes = <io_uring_sqe*>mmap(NULL, a.sqes_len, PROT_READ | PROT_WRITE,
                                  MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES)
     if <void*>a.sqes == MAP_FAILED:

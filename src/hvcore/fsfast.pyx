@@ -13,7 +13,7 @@ Names the server itself creates or removes are recorded for the host watch (`own
 `hvcore.fswatch.OwnChanges`), so its inotify events are not echoed back as invalidations.
 """
 
-from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, EISDIR, ELOOP
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENOSYS, EISDIR, ELOOP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memset
@@ -27,6 +27,7 @@ from hvcore.fsattr cimport (fill_attr_st, fill_entry_st, split_time, reply_heade
                             IdAxis, to_guest, to_host)
 from hvcore.fsdirs cimport opendir, readdir
 from hvcore.fsfiles cimport FileTable
+from hvcore.fsring cimport FuseRing
 from hvcore.fslookup cimport adopt, lookup
 from hvcore.fsnodes cimport NodeTable
 from hvcore.fsops cimport _open_beneath
@@ -446,6 +447,30 @@ cdef class FastPath:
 
     def release_turn(self) -> None:
         pthread_mutex_unlock(&self.lead)
+
+    def serve_ring(self, FuseRing ring) -> int:
+        """Serve a FUSE-over-io_uring queue (`hvcore.fsring`) from the calling thread, answering
+        what this path answers without the GIL, until a request is for the Python handler:
+        returns its entry (`ring.request()` has it; answer with `ring.reply` or `ring.post`),
+        or -1 when the queue has ended (`ring.error` says why, 0 for an unmount)."""
+        cdef int e
+        cdef const uint8_t *rq
+        cdef uint8_t *out
+        cdef Py_ssize_t n, cap, m
+        with nogil:
+            while True:
+                e = ring._next(&rq, &n, &out, &cap)
+                if e < 0:
+                    break
+                m = self._serve(rq, n, out, cap)
+                if m == 0:
+                    break
+                if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
+                    m = reply_header(out, (<const fuse_in_header *>rq).unique, ENOSYS,
+                                     sizeof(fuse_out_header))
+                ring._fill(e, out, m)
+                ring._commit(e)
+        return e
 
     def serve_dev(self, int devfd, buf, out, int pipe_r=-1, int pipe_w=-1,
                   Py_ssize_t pipe_cap=0, bint leader=False) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pyhv.share import ring
 from tests.helpers.share_mount import ShareMount, is_mounted, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -138,13 +139,53 @@ def test_sigterm_unmounts_cleanly(dirs):
     assert (host / "f").read_text() == "x"
 
 
-def test_a_blocked_lock_wait_does_not_block_other_requests(dirs):
+URING_REASON = ("this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)"
+                if not os.path.exists(ring.PARAM) else None)
+
+
+def io_uring_fds(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd) == "anon_inode:[io_uring]")
+
+
+@pytest.mark.skipif(URING_REASON is not None, reason=URING_REASON or "")
+def test_io_uring_queues_serve_every_cpu(dirs):
+    """By default the share is served over FUSE-over-io_uring: one ring per possible CPU,
+    each pinned to its CPU; clients on every CPU are answered (the kernel routes a request
+    to its CPU's queue, so a queue that was not served would hang that client)."""
+    host, mnt, _ = dirs
+    with ShareMount(host, mnt) as share:
+        os.stat(mnt)                      # INIT answered (the queues come with it)
+        assert eventually(lambda: io_uring_fds(share.proc.pid) == ring.possible_cpus())
+        for cpu in sorted(os.sched_getaffinity(0)):
+            code = (f"import os; os.sched_setaffinity(0, {{{cpu}}}); p = {str(mnt)!r}\n"
+                    f"open(p + '/c{cpu}', 'w').write('x' * {cpu + 1}); print(os.stat(p + "
+                    f"'/c{cpu}').st_size, os.listdir(p))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout.split(maxsplit=1)
+            assert out[0] == str(cpu + 1) and f"c{cpu}" in out[1]
+            assert (host / f"c{cpu}").read_text() == "x" * (cpu + 1)
+        assert share.stop() == 0
+    assert b"Traceback" not in share.log and b"ended" not in share.log, share.log
+
+
+def test_no_io_uring_serves_through_dev_fuse(dirs):
+    host, mnt, _ = dirs
+    with ShareMount(host, mnt, "--no-io-uring") as share:
+        (mnt / "f").write_text("read path")
+        assert (host / "f").read_text() == "read path"
+        assert io_uring_fds(share.proc.pid) == 0
+
+
+@pytest.mark.parametrize("transport", [[], ["--no-io-uring"]], ids=["default", "devfuse"])
+def test_a_blocked_lock_wait_does_not_block_other_requests(dirs, transport):
+    """A SETLKW waits on a worker thread (io_uring) or its own reader (/dev/fuse)."""
     host, mnt, _ = dirs
     (host / "f").write_bytes(bytes(10))
     (host / "other").write_text("free")
     code = (f"import fcntl, os, sys\nfd = os.open({str(mnt / 'f')!r}, os.O_RDWR)\n"
             "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('got it', flush=True)\n")
-    with ShareMount(host, mnt):
+    with ShareMount(host, mnt, *transport):
         fd = os.open(mnt / "f", os.O_RDWR)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,

@@ -30,8 +30,10 @@ _counter = itertools.count()
 USER_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
-@pytest.fixture(scope="module", params=["plain", "share"])
+@pytest.fixture(scope="module", params=["plain", "share", "share-devfuse"])
 def root(request):
+    """The reference directory, the share as served by default (FUSE over io_uring where the
+    kernel has it) and the share served by /dev/fuse reads only."""
     base = Path(tempfile.mkdtemp(prefix=f"pyhv-share-{request.param}-"))
     os.chmod(base, 0o755)
     try:
@@ -40,7 +42,8 @@ def root(request):
             return
         host, mnt = base / "host", base / "mnt"
         host.mkdir()
-        with ShareMount(host, mnt, "--cache", "auto"):
+        transport = ["--no-io-uring"] if request.param == "share-devfuse" else []
+        with ShareMount(host, mnt, "--cache", "auto", *transport):
             yield mnt
     finally:
         shutil.rmtree(base, ignore_errors=True)

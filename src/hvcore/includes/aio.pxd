@@ -33,6 +33,9 @@ cdef extern from "<linux/io_uring.h>" nogil:
         IORING_FEAT_RW_CUR_POS
         IORING_SETUP_COOP_TASKRUN
         IORING_SETUP_SINGLE_ISSUER
+        IORING_SETUP_DEFER_TASKRUN
+        IORING_SETUP_SQE128
+        IORING_OP_URING_CMD
 
     # the fields we use (the unions are anonymous in C, so `sqe.off` names the member)
     struct io_uring_sqe:

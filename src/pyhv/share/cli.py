@@ -28,6 +28,10 @@ def register(subparsers) -> None:
                        help="map guest gids to host gids (repeatable)")
     serve.add_argument("--threads", type=int, default=16,
                        help="most requests served at once (default 16)")
+    serve.add_argument("--no-io-uring", dest="io_uring", action="store_false",
+                       help="serve through /dev/fuse reads only, not FUSE over io_uring "
+                            "(per-CPU queues, Linux 6.14+; as root pyhv sets the fuse "
+                            "module's enable_uring)")
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
 
@@ -62,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         idmap=IdMap(args.uid_map, args.gid_map))
     server = FuseServer(opts)
     transport = DevFuse(server, args.mount, readonly=args.readonly,
-                        allow_devices=args.allow_devices, max_threads=args.threads)
+                        allow_devices=args.allow_devices, max_threads=args.threads,
+                        io_uring=args.io_uring)
     watch = HostWatch(server) if opts.policy.watch else None
     transport.mount()
     stop = {"signal": None}

@@ -28,6 +28,7 @@ import time
 
 from hvcore import fuseproto as fp
 from pyhv.errors import PyhvError
+from pyhv.share import ring
 
 log = logging.getLogger("pyhv.share")
 
@@ -68,7 +69,8 @@ def _splice_pipe() -> tuple[int, int, int]:
 
 class DevFuse:
     def __init__(self, server, mountpoint: str, *, readonly: bool = False,
-                 allow_devices: bool = False, max_threads: int = 16, fsname: str = "pyhv"):
+                 allow_devices: bool = False, max_threads: int = 16, fsname: str = "pyhv",
+                 io_uring: bool = True):
         self.server = server
         self.mountpoint = os.path.abspath(mountpoint)
         self.readonly = readonly
@@ -85,6 +87,9 @@ class DevFuse:
         self._lock = threading.Lock()
         self._stopping = False
         self._can_clone = True
+        self.io_uring = io_uring
+        self.rings: ring.RingQueues | None = None
+        self._rings_started = False
 
     # --- mount / unmount ---------------------------------------------------------------------
 
@@ -97,6 +102,8 @@ class DevFuse:
     def mount(self) -> None:
         if not os.path.isdir(self.mountpoint):
             raise PyhvError(f"mount point {self.mountpoint} is not a directory")
+        if self.io_uring and ring.enable():         # before mount(2): INIT offers it or not
+            self.server.ring_offer = self._offer_rings
         if os.geteuid() == 0:
             self._mount_root()
         else:
@@ -231,6 +238,8 @@ class DevFuse:
                     except OSError as e:
                         if e.errno not in GONE:
                             log.warning("reply: %s", e)
+                if self.rings is not None and not self._rings_started and self.server.negotiated:
+                    self._start_rings()
                 if not self._readahead_set and self.server.proto_minor:
                     self._set_readahead()
                 with self._lock:
@@ -244,6 +253,21 @@ class DevFuse:
             for p in (pipe_r, pipe_w):
                 if p >= 0:
                     os.close(p)
+
+    def _offer_rings(self) -> bool:
+        """INIT is being answered and the kernel offers FUSE over io_uring: make the queues."""
+        self.rings = ring.RingQueues(self.server, self.fd, max(self.server.opts.max_write, 8192),
+                                     self.max_threads)
+        return self.rings.prepare()
+
+    def _start_rings(self) -> None:
+        """The INIT reply is written: register the queues if INIT took io_uring."""
+        self._rings_started = True
+        if self.server.negotiated & fp.INIT_FLAGS["OVER_IO_URING"]:
+            self.rings.start()
+            log.debug("serving over io_uring: %d queues", self.rings.count)
+        else:
+            self.rings.close()
 
     def _set_readahead(self) -> None:
         """Once INIT is answered: let readahead fill a whole request (max_write, 1 MiB)
@@ -277,6 +301,8 @@ class DevFuse:
         while True:
             with self._lock:
                 alive = [t for t in self._threads if t.is_alive()]
+            if self.rings is not None:
+                alive += self.rings.alive()
             if not alive:
                 return True
             left = None if deadline is None else deadline - time.monotonic()
@@ -285,6 +311,8 @@ class DevFuse:
             alive[0].join(0.2 if left is None else min(left, 0.2))
 
     def close(self) -> None:
+        if self.rings is not None:
+            self.rings.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -73,6 +73,9 @@ class FuseServer(MetaOps, DataOps, LockOps):
         self.negotiated = 0
         self.proto_minor = 0
         self.notify: Callable[[list], None] | None = None
+        # set by a transport that can serve FUSE over io_uring: called while INIT is being
+        # answered, True when its queues are ready (the reply then offers io_uring)
+        self.ring_offer: Callable[[], bool] | None = None
         self.stats_errors = 0
         self._ops: dict[int, Callable] = {}
         for name in dir(self):
@@ -200,6 +203,8 @@ class FuseServer(MetaOps, DataOps, LockOps):
             want |= F["WRITEBACK_CACHE"]
         if self.opts.cache == "auto":
             want |= F["AUTO_INVAL_DATA"]
+        if flags & F["OVER_IO_URING"] and self.ring_offer is not None and self.ring_offer():
+            want |= F["OVER_IO_URING"] | F["INIT_EXT"]
         self.negotiated = flags & want
         self.proto_minor = min(minor, fp.KERNEL_MINOR)
         self._start_fast_path()
