@@ -53,12 +53,33 @@ def creates(d: Path) -> float:
     return FILES / (time.perf_counter() - t)
 
 
+STAT_ROUNDS = 3
+CACHE_TIMEOUT = 1.0      # both servers' default entry and attribute timeout (libfuse's, auto)
+
+
 def stats(d: Path) -> float:
-    t = time.perf_counter()
-    for _ in range(5):
+    """Every file once per round, each round after the client's cache has expired, which is
+    what a tree walk over files not touched in the last second (git status, make, an IDE's
+    indexer) meets: each stat is a revalidation the server answers. A stat the kernel
+    answers from its cache reaches no server and takes the same kernel path on every FUSE
+    mount (`cached_stats` measures that, for the record)."""
+    spent = 0.0
+    for _ in range(STAT_ROUNDS):
+        time.sleep(CACHE_TIMEOUT + 0.2)
+        t = time.perf_counter()
         for i in range(FILES):
             os.stat(d / f"f{i}")
-    return 5 * FILES / (time.perf_counter() - t)
+        spent += time.perf_counter() - t
+    return STAT_ROUNDS * FILES / spent
+
+
+def cached_stats(d: Path) -> float:
+    for i in range(FILES):
+        os.stat(d / f"f{i}")              # all fresh in the client's cache now
+    t = time.perf_counter()
+    for i in range(FILES):
+        os.stat(d / f"f{i}")
+    return FILES / (time.perf_counter() - t)
 
 
 def unlinks(d: Path) -> float:
@@ -119,6 +140,7 @@ def seq_read(d: Path) -> float:
 WORKLOADS = {
     "file creates": ("creates/s", lambda d: creates(d / "meta")),
     "file stats": ("stats/s", lambda d: stats(d / "meta")),
+    "cached stats": ("stats/s", lambda d: cached_stats(d / "meta")),
     "file unlinks": ("unlinks/s", lambda d: unlinks(d / "meta")),
     "4 KiB random read": ("IOPS", lambda d: random_io(d, False)),
     "4 KiB random write": ("IOPS", lambda d: random_io(d, True)),
@@ -136,10 +158,14 @@ def test_share_rows(mounts, record, benchmark):
             results[name] = {kind: fn(d) for kind, d in dirs.items()}
 
     benchmark.pedantic(once, rounds=1, iterations=1)
+    cached = results.pop("cached stats")
     for name, (unit, _fn) in WORKLOADS.items():
+        if name not in results:
+            continue
         r = results[name]
+        extra = {f"cached_{k}": v for k, v in cached.items()} if name == "file stats" else {}
         record(f"share {name}", unit, pyhv=r["pyhv"], anchor=r["bindfs"], anchor_name="bindfs",
-               native=r["native"], target=1.5)
+               native=r["native"], target=1.5, **extra)
 
 
 @pytest.mark.slow

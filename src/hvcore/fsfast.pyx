@@ -58,6 +58,7 @@ DEF OVERFLOW = 65534
 cdef uint32_t UNCHANGED = 0xFFFFFFFF
 DEF MAX_RANGES = 8           # IdAxis keeps this many
 DEF NO_REPLY = -1
+DEF STREAM_READ = 131072     # a READ this large is part of a stream (FuseRing._place)
 # flags a client may pass that make no sense on a reopen (as pyhv.share.data.DROP_FLAGS)
 cdef int DROP_FLAGS = O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT
 
@@ -456,12 +457,16 @@ cdef class FastPath:
         cdef int e
         cdef const uint8_t *rq
         cdef uint8_t *out
-        cdef Py_ssize_t n, cap, m
+        cdef Py_ssize_t n, cap, m, hdr = sizeof(fuse_in_header)
+        cdef const fuse_in_header *h
         with nogil:
             while True:
                 e = ring._next(&rq, &n, &out, &cap)
                 if e < 0:
                     break
+                h = <const fuse_in_header *>rq
+                ring._place(h.opcode == FUSE_READ and n >= hdr + <Py_ssize_t>sizeof(fuse_read_in)
+                            and (<const fuse_read_in *>(rq + hdr)).size >= STREAM_READ)
                 m = self._serve(rq, n, out, cap)
                 if m == 0:
                     break

@@ -8,6 +8,11 @@ from hvcore.aio cimport AioQ
 from hvcore.includes.sys cimport pthread_mutex_t
 
 
+cdef extern from "<sched.h>" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+
+
 cdef class FuseRing:
     cdef AioQ q
     cdef int devfd
@@ -32,6 +37,10 @@ cdef class FuseRing:
     cdef public bint ended         # the connection is gone (or the ring was refused)
     cdef public int error          # why (errno), 0 for a normal end
     cdef public uint64_t served    # requests answered over this queue
+    cdef cpu_set_t own_cpu         # the queue's CPU
+    cdef cpu_set_t any_cpu         # the process's CPUs (while streaming READs)
+    cdef bint pinned
+    cdef int streak                # requests since the last large READ (while unpinned)
 
     cdef uint8_t *_header(self, int e) noexcept nogil
     cdef uint8_t *_sqe(self) noexcept nogil
@@ -45,3 +54,4 @@ cdef class FuseRing:
     cdef void _fill(self, int e, const uint8_t *out, Py_ssize_t m) noexcept nogil
     cdef void _commit(self, int e) noexcept nogil
     cdef void _post(self, int e) noexcept nogil
+    cdef void _place(self, bint large_read) noexcept nogil

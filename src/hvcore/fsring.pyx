@@ -41,6 +41,12 @@ from hvcore.includes.sys cimport pthread_mutex_lock, pthread_mutex_unlock
 
 import os
 
+cdef extern from "<sched.h>" nogil:
+    int sched_setaffinity(int pid, size_t size, const cpu_set_t *mask)
+    int sched_getaffinity(int pid, size_t size, cpu_set_t *mask)
+    void CPU_ZERO(cpu_set_t *s)
+    void CPU_SET(int cpu, cpu_set_t *s)
+
 cdef extern from "<errno.h>" nogil:
     enum: ECANCELED
 
@@ -62,6 +68,7 @@ DEF CMD_REGISTER = 1             # FUSE_IO_URING_CMD_REGISTER
 DEF CMD_COMMIT_AND_FETCH = 2     # FUSE_IO_URING_CMD_COMMIT_AND_FETCH
 DEF PAGE = 4096
 DEF REQ_COPY = 65536             # requests with at most this much payload are copied whole
+DEF REPIN_AFTER = 4              # requests without a large READ before the thread is pinned again
 DEF SMALL_OUT = 4096
 cdef uint64_t EV_TAG = 0xFFFFFFFFFFFFFFFFULL
 
@@ -122,6 +129,10 @@ cdef class FuseRing:
         if (self.iov == NULL or self.commit_ids == NULL or self.posted == NULL
                 or self.req == NULL or self.small_out == NULL):
             raise MemoryError()
+        sched_getaffinity(0, sizeof(cpu_set_t), &self.any_cpu)
+        CPU_ZERO(&self.own_cpu)
+        CPU_SET(qid, &self.own_cpu)
+        self.pinned = sched_setaffinity(0, sizeof(cpu_set_t), &self.own_cpu) == 0
         for e in range(depth):
             self.iov[2 * e].iov_base = self._header(e)
             self.iov[2 * e].iov_len = HEADER_SZ
@@ -350,6 +361,22 @@ cdef class FuseRing:
             self.nposted += 1
             write(self.evfd, &one, 8)
         pthread_mutex_unlock(&self.lock)
+
+    cdef void _place(self, bint large_read) noexcept nogil:
+        """Where the queue's thread runs. Pinned to its CPU, a request-response exchange
+        stays on one CPU; but a stream of large READs issued from this CPU would then be
+        read, copied and consumed on it alone while the other CPUs idle (~0.6x the MB/s of
+        /dev/fuse here). So a large READ lets the thread run anywhere (the scheduler
+        places it beside the reader) until REPIN_AFTER other requests have passed."""
+        if large_read:
+            self.streak = 0
+            if self.pinned:
+                self.pinned = 0
+                sched_setaffinity(0, sizeof(cpu_set_t), &self.any_cpu)
+        elif not self.pinned:
+            self.streak += 1
+            if self.streak >= REPIN_AFTER:
+                self.pinned = sched_setaffinity(0, sizeof(cpu_set_t), &self.own_cpu) == 0
 
     def reply(self, int e, replies) -> None:
         """Answer entry `e` (on the queue's own thread): committed with the next submission."""
