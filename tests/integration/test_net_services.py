@@ -79,6 +79,24 @@ def test_dhcp_lease_with_udhcpc(make_ns, tmp_path):
     assert "3 packets received" in ns.run("busybox", "ping", "-c", "3", GW).stdout
 
 
+def wait_for_resolver(port: int) -> None:
+    """Until dnsmasq answers on 127.0.0.1:`port` (it binds a moment after it starts; a query
+    before that is refused and getent fails)."""
+    query = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\x06static\x04pyhv\x04test\x00" + \
+        struct.pack("!2H", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        for _ in range(150):
+            try:
+                s.sendto(query, ("127.0.0.1", port))
+                if s.recv(512)[:2] == query[:2]:
+                    return
+            except OSError:                # refused (not bound yet) or no answer yet
+                pass
+            threading.Event().wait(0.1)
+    raise AssertionError(f"dnsmasq did not answer on port {port}")
+
+
 @pytest.mark.skipif(shutil.which("dnsmasq") is None and not Path("/usr/sbin/dnsmasq").exists(),
                     reason="dnsmasq not installed (apt-get install dnsmasq-base)")
 def test_dns_forwarded_to_test_resolver(make_ns):
@@ -92,6 +110,7 @@ def test_dns_forwarded_to_test_resolver(make_ns):
                                 "--pid-file", "--address=/static.pyhv.test/10.9.8.7"],
                                stderr=subprocess.DEVNULL)
     try:
+        wait_for_resolver(port)
         ns = make_ns("--dns-upstream", f"127.0.0.1:{port}")
         out = ns.run("getent", "ahostsv4", "static.pyhv.test").stdout
         assert out.split()[0] == "10.9.8.7"

@@ -206,6 +206,34 @@ def test_a_blocked_lock_wait_does_not_block_other_requests(dirs, transport):
             os.close(fd)
 
 
+@pytest.mark.parametrize("transport", [[], ["--no-io-uring"]], ids=["default", "devfuse"])
+def test_sigterm_ends_the_server_while_a_lock_wait_is_pending(dirs, transport):
+    """SIGTERM with a client in SETLKW (the mount busy): the server ends the connection after
+    its grace period and exits 0; the waiting lock ends (its worker thread does not keep the
+    process alive) and the waiter gets an error."""
+    host, mnt, _ = dirs
+    (host / "f").write_bytes(bytes(10))
+    code = (f"import fcntl, os\nfd = os.open({str(mnt / 'f')!r}, os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\n")
+    with ShareMount(host, mnt, *transport) as share:
+        fd = os.open(mnt / "f", os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        waiter = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+        try:
+            assert eventually(lambda: "fuse" in Path(f"/proc/{waiter.pid}/wchan").read_text()
+                              or "request_wait" in Path(f"/proc/{waiter.pid}/wchan").read_text())
+            share.proc.send_signal(signal.SIGTERM)
+            assert share.proc.wait(60) == 0
+            assert waiter.wait(60) != 0
+        finally:
+            waiter.kill()
+            waiter.wait()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def test_interrupted_lock_wait(dirs):
     host, mnt, _ = dirs
     (host / "f").write_bytes(bytes(10))

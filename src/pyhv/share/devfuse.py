@@ -159,7 +159,8 @@ class DevFuse:
                            capture_output=True)
 
     def abort(self) -> None:
-        """End the connection now (pending requests fail with ECONNABORTED)."""
+        """End the connection now (pending requests fail with ECONNABORTED, lock waits end)."""
+        self.server.cancel_waits()
         if self.conn and not os.path.isdir(self.conn) and os.geteuid() == 0:
             _libc.mount(b"fusectl", b"/sys/fs/fuse/connections", b"fusectl", 0, None)
         if self.conn:
@@ -311,6 +312,7 @@ class DevFuse:
             alive[0].join(0.2 if left is None else min(left, 0.2))
 
     def close(self) -> None:
+        self.server.cancel_waits()
         if self.rings is not None:
             self.rings.close()
         if self.fd >= 0:

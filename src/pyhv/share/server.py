@@ -130,6 +130,11 @@ class FuseServer(MetaOps, DataOps, LockOps):
         finally:
             self.inodes.end()
 
+    def cancel_waits(self) -> None:
+        """The connection is gone: end every lock wait (nobody reads their replies)."""
+        for event in list(self._waiting.values()):
+            event.set()
+
     def close(self) -> None:
         for fh in self.files.handles():
             self._close_handle(fh)
