@@ -143,6 +143,9 @@ URING_REASON = ("this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE
                 if not os.path.exists(ring.PARAM) else None)
 
 
+IO_URING_KNOB = "/proc/sys/kernel/io_uring_disabled"
+
+
 def io_uring_fds(pid: int) -> int:
     fds = Path(f"/proc/{pid}/fd")
     return sum(1 for fd in fds.iterdir() if os.readlink(fd) == "anon_inode:[io_uring]")
@@ -167,6 +170,26 @@ def test_io_uring_queues_serve_every_cpu(dirs):
             assert (host / f"c{cpu}").read_text() == "x" * (cpu + 1)
         assert share.stop() == 0
     assert b"Traceback" not in share.log and b"ended" not in share.log, share.log
+
+
+@pytest.mark.skipif(URING_REASON is not None or not os.path.exists(IO_URING_KNOB),
+                    reason=URING_REASON or "no kernel.io_uring_disabled sysctl")
+def test_a_kernel_refusing_io_uring_leaves_dev_fuse(dirs):
+    """With io_uring disabled system-wide (kernel.io_uring_disabled=2, io_uring_setup fails)
+    no queue can be made, so INIT does not take io_uring and /dev/fuse serves everything."""
+    host, mnt, _ = dirs
+    knob = Path(IO_URING_KNOB)
+    old = knob.read_text()
+    knob.write_text("2")
+    try:
+        with ShareMount(host, mnt) as share:
+            (mnt / "f").write_text("without io_uring")
+            assert (host / "f").read_text() == "without io_uring"
+            assert sorted(os.listdir(mnt)) == ["f"]
+            assert io_uring_fds(share.proc.pid) == 0
+            assert share.stop() == 0
+    finally:
+        knob.write_text(old)
 
 
 def test_no_io_uring_serves_through_dev_fuse(dirs):
