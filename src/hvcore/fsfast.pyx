@@ -471,8 +471,7 @@ cdef class FastPath:
                 if m == 0:
                     break
                 if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
-                    m = reply_header(out, (<const fuse_in_header *>rq).unique, ENOSYS,
-                                     sizeof(fuse_out_header))
+                    m = reply_header(out, h.unique, ENOSYS, sizeof(fuse_out_header))
                 ring._fill(e, out, m)
                 ring._commit(e)
         return e

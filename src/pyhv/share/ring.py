@@ -24,6 +24,7 @@ keeps to /dev/fuse.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -78,7 +79,6 @@ class RingQueues:
         self._go = threading.Event()
         self._abandon = False
         self._failed: list[str] = []
-        self.served = 0
 
     def prepare(self, timeout: float = 10.0) -> bool:
         """Create every queue's ring on its pinned thread; False (and nothing left running)
@@ -130,7 +130,7 @@ class RingQueues:
         except OSError as e:
             log.warning("FUSE io_uring queue %d: %s", qid, e)
         finally:
-            self.served += ring.served
+            log.debug("FUSE io_uring queue %d: %d requests", qid, ring.served)
             ring.close()
 
     def _serve(self, ring: FuseRing) -> None:
@@ -158,7 +158,7 @@ class RingQueues:
             replies = None
         if not replies:
             unique = int.from_bytes(req[8:16], "little")
-            replies = [fp.error_reply(unique, 5)]       # EIO: the entry must come back
+            replies = [fp.error_reply(unique, errno.EIO)]     # the entry must come back
         try:
             ring.post(e, replies)
         except ValueError:
