@@ -350,13 +350,14 @@ def test_symlink_swaps_during_lookups_never_escape(dirs):
 def test_more_files_than_the_descriptor_limit(dirs):
     """The server names inodes by file handles and caches a bounded number of descriptors, so
     a client that walks and keeps more files than RLIMIT_NOFILE allows is served (as root;
-    a non-root server holds one descriptor per known inode)."""
+    a non-root server holds one descriptor per known inode). `--rlimit-nofile 0` keeps the
+    limit the server was started with."""
     host, mnt, _ = dirs
     for d in range(20):
         (host / f"d{d}").mkdir()
         for i in range(100):
             (host / f"d{d}" / f"f{i}").write_text(f"{d}/{i}")
-    with ShareMount(host, mnt, nofile=256) as share:
+    with ShareMount(host, mnt, "--rlimit-nofile", "0", nofile=256) as share:
         for _round in range(2):         # the second walk reopens evicted inodes by handle
             seen = 0
             for top, _subdirs, files in os.walk(mnt):
@@ -370,6 +371,48 @@ def test_more_files_than_the_descriptor_limit(dirs):
         (mnt / "d0" / "new").write_text("still writable")
         assert (host / "d0" / "new").read_text() == "still writable"
         assert share.stop() == 0
+
+
+def nofile_limits(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def has_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(x for x in f if x.startswith("CapEff:")).split()[1]
+    return bool(int(eff, 16) >> 24 & 1)         # CAP_SYS_RESOURCE
+
+
+def test_open_file_limit_as_virtiofsd_sets_it(dirs):
+    """By default the server asks for fs.nr_open (at most 1000000) open files, as
+    virtiofsd: with CAP_SYS_RESOURCE it gets it, without it the soft limit rises to the
+    hard one. `--rlimit-nofile N` sets N (lowering is always allowed)."""
+    host, mnt, _ = dirs
+    with open("/proc/sys/fs/nr_open") as f:
+        ceiling = min(int(f.read()), 1_000_000)
+    with ShareMount(host, mnt, nofile=700) as share:
+        (mnt / "f").write_text("x")
+        expected = ceiling if has_sys_resource() else 700
+        assert nofile_limits(share.proc.pid) == (expected, expected)
+    with ShareMount(host, mnt, "--rlimit-nofile", "300") as share:
+        (mnt / "g").write_text("y")
+        assert (host / "g").read_text() == "y"
+        assert nofile_limits(share.proc.pid) == (300, 300)
+
+
+@pytest.mark.parametrize("value", ["10", "-1", "many"])
+def test_a_bad_open_file_limit_is_refused(dirs, value):
+    host, mnt, _ = dirs
+    done = subprocess.run([sys.executable, "-m", "pyhv", "share", "serve", str(host),
+                           "--mount", str(mnt), "--rlimit-nofile", value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert "rlimit-nofile" in lines[-1] and "Traceback" not in done.stderr
+    assert not is_mounted(mnt)
 
 
 def test_writeback_cache(dirs):

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                        help="serve through /dev/fuse reads only, not FUSE over io_uring "
                             "(per-CPU queues, Linux 6.14+; as root pyhv sets the fuse "
                             "module's enable_uring)")
+    serve.add_argument("--rlimit-nofile", type=int, metavar="N",
+                       help="open file limit to run with (default: fs.nr_open, at most "
+                            "1000000, where permitted; 0 leaves it unchanged), as virtiofsd")
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
 
@@ -39,11 +42,11 @@ def register(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
-    import resource
     import signal
 
     from pyhv.share.devfuse import DevFuse
     from pyhv.share.idmap import IdMap
+    from pyhv.share.nofile import NOFILE_MIN, set_nofile
     from pyhv.share.options import ShareOptions
     from pyhv.share.server import FuseServer
     from pyhv.share.watch import HostWatch
@@ -55,11 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise PyhvError("--threads must be at least 1")
     os.umask(0)       # the client applies the caller's umask; modes arrive final
-    # open files are descriptors, and without CAP_DAC_READ_SEARCH (no file handles) so is
-    # every inode the client holds: 1024 is far too few (as virtiofsd)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.rlimit_nofile is not None and 0 != args.rlimit_nofile < NOFILE_MIN:
+        raise PyhvError(f"--rlimit-nofile must be 0 (unchanged) or at least {NOFILE_MIN}")
+    set_nofile(args.rlimit_nofile)       # before the inode table sizes its descriptor cache
     opts = ShareOptions(os.path.abspath(args.hostdir), cache=args.cache,
                         readonly=args.readonly, writeback=args.writeback,
                         allow_devices=args.allow_devices,
