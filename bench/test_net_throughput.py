@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.hostload import cross_cpu_round_trip_us
+
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = 3
 ROUNDS = 3          # tools interleaved per round, best of each kept: host load hits all alike
@@ -172,7 +174,8 @@ def test_short_connections(record, benchmark):
     finally:
         srv.close()
     record("short connections", "conn/s", pyhv=results["pyhv"], anchor=results["pasta"],
-           anchor_name="pasta", target=1.0, slirp4netns=results["slirp4netns"])
+           anchor_name="pasta", target=1.0, slirp4netns=results["slirp4netns"],
+           cross_cpu_round_trip_us=cross_cpu_round_trip_us())
 
 
 def test_port_forward_throughput(record, benchmark):
