@@ -15,7 +15,8 @@ ROUNDS = 2000
 def cross_cpu_round_trip_us() -> float | None:
     """Mean round trip (us) of one byte over two pipes between two processes
     pinned to different CPUs; None on a one-CPU host."""
-    cpus = sorted(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    cpus = sorted(mask)
     if len(cpus) < 2:
         return None
     r1, w1 = os.pipe()
@@ -29,7 +30,6 @@ def cross_cpu_round_trip_us() -> float | None:
                 os.write(w2, b"x")
         finally:
             os._exit(0)
-    mask = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {cpus[0]})
         os.write(w1, b"x")                      # one round to settle placement

@@ -27,8 +27,9 @@ def skip_reason() -> str | None:
     return None
 
 
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
+def is_mounted(path: Path, pid: int | str = "self") -> bool:
+    """Whether `path` is a mount point in the mount namespace of process `pid`."""
+    with open(f"/proc/{pid}/mountinfo") as f:
         return any(line.split()[4] == str(path) for line in f)
 
 

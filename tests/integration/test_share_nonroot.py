@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.share_mount import is_mounted
+
 # Everything `share serve` imports, imported before the privileges go.
 LAUNCH = """
 import os, sys
@@ -93,11 +95,6 @@ def users_dev_fuse(base: Path):
         holder.stdout.close()
 
 
-def mounted_in(pid: int, path: Path) -> bool:
-    with open(f"/proc/{pid}/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
 def as_nobody(prefix: list[str], script: str) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, "su", "nobody", "-s", "/bin/sh", "-c", script],
                           capture_output=True, text=True, timeout=60)
@@ -136,7 +133,7 @@ def run_as_nobody(base: Path, host: Path, mnt: Path, nobody, prefix: list[str],
         if line != b"ready\n":
             proc.wait(30)
             pytest.fail(f"server did not start: {proc.stderr.read().decode()}")
-        assert mounted_in(ns_pid, mnt)
+        assert is_mounted(mnt, ns_pid)
         server_ids = {line.split()[0]: line.split()[1:] for line in
                       Path(f"/proc/{proc.pid}/status").read_text().splitlines()
                       if line.startswith(("Uid:", "Gid:", "CapEff:"))}
@@ -163,9 +160,9 @@ def run_as_nobody(base: Path, host: Path, mnt: Path, nobody, prefix: list[str],
         log = proc.stderr.read().decode()
         proc.stderr.close()
         deadline = time.monotonic() + 10
-        while mounted_in(ns_pid, mnt) and time.monotonic() < deadline:
+        while is_mounted(mnt, ns_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        mounted = mounted_in(ns_pid, mnt)
+        mounted = is_mounted(mnt, ns_pid)
         if mounted:
             subprocess.run([*prefix, "umount", "-l", str(mnt)])
     assert proc.returncode == 0, log

@@ -27,21 +27,20 @@ def nr_open() -> int:
         return NOFILE_DEFAULT_MAX
 
 
-def set_nofile(want: int | None) -> int:
+def set_nofile(want: int | None) -> None:
     """Set RLIMIT_NOFILE (soft and hard) to `want` (None: the default above; 0: leave it
-    as it is). Returns the soft limit in force. An explicit `want` the process may not
-    have is reported at warning level; the default's shortfall only at debug."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    as it is). An explicit `want` the process may not have is reported at warning level;
+    the default's shortfall only at debug."""
     if want == 0:
-        return soft
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(nr_open(), NOFILE_DEFAULT_MAX) if want is None else want
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
-        return target
+        return
     except (OSError, ValueError) as e:
         level = logging.DEBUG if want is None else logging.WARNING
         log.log(level, "cannot set the open file limit to %d (%s): using %d", target,
                 e.strerror if isinstance(e, OSError) else e, hard)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
