@@ -41,6 +41,7 @@ from hvcore.includes.fuse cimport (fuse_in_header, fuse_out_header, fuse_entry_o
                                    FUSE_LOOKUP, FUSE_FORGET, FUSE_BATCH_FORGET, FUSE_GETATTR,
                                    FUSE_OPEN, FUSE_CREATE, FUSE_FLUSH, FUSE_RELEASE,
                                    FUSE_UNLINK, FUSE_READ, FUSE_WRITE, FUSE_OPEN_KILL_SUIDGID,
+                                   FOPEN_KEEP_CACHE,
                                    FUSE_OPENDIR, FUSE_READDIR, FUSE_READDIRPLUS,
                                    FUSE_RELEASEDIR, fuse_read_in, FUSE_READLINK, FUSE_STATFS,
                                    FUSE_GETXATTR, FUSE_LISTXATTR, FUSE_ACCESS)
@@ -108,6 +109,7 @@ cdef class FastPath:
     cdef public bint writeback          # FUSE_WRITEBACK_CACHE negotiated
     cdef public bint chown_created      # a root server hands new inodes to the caller
     cdef public uint32_t open_flags     # FOPEN_* for files (the cache mode's)
+    cdef public bint close_to_open      # auto: an open keeps the cache of an unchanged file
     cdef public uint32_t dir_open_flags  # FOPEN_* for directories
     cdef public uint32_t max_write      # largest READDIR(PLUS) payload
 
@@ -121,7 +123,7 @@ cdef class FastPath:
 
     def configure(self, double entry_timeout, double attr_timeout, uint32_t open_flags,
                   uint32_t dir_open_flags, uint32_t max_write, bint readonly, bint watching,
-                  bint writeback, bint chown_created) -> None:
+                  bint writeback, bint chown_created, bint close_to_open=False) -> None:
         split_time(entry_timeout, &self.times.entry_sec, &self.times.entry_nsec)
         split_time(attr_timeout, &self.times.attr_sec, &self.times.attr_nsec)
         self.open_flags = open_flags
@@ -129,6 +131,7 @@ cdef class FastPath:
         self.max_write = max_write
         self.readonly, self.watching, self.writeback = readonly, watching, writeback
         self.chown_created = chown_created
+        self.close_to_open = close_to_open
 
     def set_ids(self, int axis, int kind, uint32_t own, list ranges) -> bool:
         """One id axis (0 uid, 1 gid): kind 0 identity, 1 caller, 2 [(guest, host, count)].
@@ -159,11 +162,11 @@ cdef class FastPath:
         return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_entry_out) + extra)
 
     cdef inline Py_ssize_t _open_out(self, uint8_t *out, const fuse_in_header *h, uint64_t fh,
-                                     Py_ssize_t at) noexcept nogil:
+                                     Py_ssize_t at, uint32_t extra=0) noexcept nogil:
         cdef fuse_open_out *o = <fuse_open_out *>(out + at)
         memset(o, 0, sizeof(fuse_open_out))
         o.fh = fh
-        o.open_flags = self.open_flags
+        o.open_flags = self.open_flags | extra
         return reply_header(out, h.unique, 0, at + sizeof(fuse_open_out))
 
     cdef int _flags(self, uint32_t flags) noexcept nogil:
@@ -303,13 +306,18 @@ cdef class FastPath:
             err = errno
             self.nodes._unpin(s)
             return reply_header(out, h.unique, err, ohdr)
-        if o.flags & O_TRUNC and self.watching and fstatat(ffd, "", &st, AT_EMPTY_PATH) == 0:
-            self.nodes._set_stamp(s, &st)
+        cdef uint32_t keep = 0
+        if o.flags & O_TRUNC:
+            if self.watching and fstatat(ffd, "", &st, AT_EMPTY_PATH) == 0:
+                self.nodes._set_stamp(s, &st)
+        elif self.close_to_open and fstatat(ffd, "", &st, AT_EMPTY_PATH) == 0 \
+                and self.nodes._keep_cache(s, &st):
+            keep = FOPEN_KEEP_CACHE
         cdef uint64_t fh = self.files._add(ffd, s)      # the request's pin is now the file's
         if fh == 0:
             self.nodes._unpin(s)
             return 0
-        return self._open_out(out, h, fh, ohdr)
+        return self._open_out(out, h, fh, ohdr, keep)
 
     cdef Py_ssize_t _create(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
                             uint8_t *out) noexcept nogil:
@@ -380,12 +388,15 @@ cdef class FastPath:
 
     cdef Py_ssize_t _flush(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,
                            uint8_t *out) noexcept nogil:
+        cdef stat st
         if n < <Py_ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_flush_in)):
             return 0
-        cdef int32_t s = self.files._node_of((<const fuse_flush_in *>(
-            req + sizeof(fuse_in_header))).fh)
+        cdef int32_t s = self.files._flushed((<const fuse_flush_in *>(
+            req + sizeof(fuse_in_header))).fh, &st)
         if s < 0 or self.nodes._peek(s).pyheld:     # POSIX locks to drop: Python's
             return 0
+        if self.watching and st.st_size >= 0:       # written: stamped at the close, which
+            self.nodes._set_stamp(s, &st)           # RELEASE (async) may follow an open
         return reply_header(out, h.unique, 0, sizeof(fuse_out_header))
 
     cdef Py_ssize_t _release(self, const fuse_in_header *h, const uint8_t *req, Py_ssize_t n,

@@ -25,6 +25,7 @@ cdef class FileTable:
     cdef uint64_t _add(self, int fd, int32_t node) noexcept nogil
     cdef int _remove(self, uint64_t fh, stat *st, bint *written, int32_t *node) noexcept nogil
     cdef int32_t _node_of(self, uint64_t fh) noexcept nogil
+    cdef int32_t _flushed(self, uint64_t fh, stat *st) noexcept nogil
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil
     cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
                            Py_ssize_t cap) noexcept nogil

@@ -159,6 +159,19 @@ cdef class FileTable:
         pthread_mutex_unlock(&self.lock)
         return out
 
+    cdef int32_t _flushed(self, uint64_t fh, stat *st) noexcept nogil:
+        """FLUSH (the client's close): the inode slot of an open handle (-2 for an unknown
+        one), and in `st`, when the handle was written, the file's stat now (st_size stays
+        -1 otherwise)."""
+        pthread_mutex_lock(&self.lock)
+        cdef Slot *sl = self._slot(fh)
+        cdef int32_t r = sl.node if sl != NULL else -2
+        st.st_size = -1
+        if sl != NULL and sl.written and fstatat(sl.fd, "", st, AT_EMPTY_PATH) < 0:
+            st.st_size = -1
+        pthread_mutex_unlock(&self.lock)
+        return r
+
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil:
         """With the lock held: the live slot of `fh`, or NULL."""
         cdef uint64_t i = ((fh << 32) >> 32) - 1

@@ -14,6 +14,9 @@ cdef struct Node:
     int64_t stamp_ctime     # (ctime, mtime, size) after the server's own last change
     int64_t stamp_mtime
     int64_t stamp_size
+    int64_t kept_ctime      # (ctime, mtime, size) of the data the client's page cache holds
+    int64_t kept_mtime      # (set at each open and by the server's own changes: an open
+    int64_t kept_size       # that finds the file so keeps the cache, NFS close-to-open)
     int fd                  # O_PATH descriptor, -1 while not cached (handle inodes)
     int pins                # requests and open files using fd now
     int wd                  # inotify watch of a directory, -1: none
@@ -23,6 +26,7 @@ cdef struct Node:
     bint dead               # forgotten while pinned: freed at the last unpin
     bint in_lru
     bint has_stamp
+    bint has_kept
     bint pyheld             # Python keeps state for it (POSIX lock descriptors)
     int32_t next_id         # hash chains by nodeid, by (dev, ino), by wd; free list
     int32_t next_key
@@ -62,6 +66,7 @@ cdef class NodeTable:
     cdef bint _pyheld(self, uint64_t nodeid, uint64_t count) noexcept nogil
     cdef int32_t _slot_of_pinned(self, uint64_t nodeid) noexcept nogil
     cdef void _set_stamp(self, int32_t slot, const stat *st) noexcept nogil
+    cdef bint _keep_cache(self, int32_t slot, const stat *st) noexcept nogil
     cdef int _grow(self) noexcept nogil
     cdef int32_t _alloc(self) noexcept nogil
     cdef void _free(self, int32_t s) noexcept nogil

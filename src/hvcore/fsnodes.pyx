@@ -401,7 +401,24 @@ cdef class NodeTable:
         n.stamp_mtime = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
         n.stamp_size = st.st_size
         n.has_stamp = 1
+        n.kept_ctime, n.kept_mtime, n.kept_size = n.stamp_ctime, n.stamp_mtime, n.stamp_size
+        n.has_kept = 1                  # the client made this change: its cache holds it
         pthread_mutex_unlock(&self.lock)
+
+    cdef bint _keep_cache(self, int32_t slot, const stat *st) noexcept nogil:
+        """An open finds the file as `st`: whether the client may keep the pages it caches
+        (the file is as they were read or written: same ctime, mtime and size), as NFS's
+        close-to-open does. From now on the client's cache holds `st`'s data either way
+        (an open without FOPEN_KEEP_CACHE drops the pages)."""
+        cdef int64_t c = st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
+        cdef int64_t m = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
+        pthread_mutex_lock(&self.lock)
+        cdef Node *n = &self.nodes[slot]
+        cdef bint keep = n.has_kept and n.kept_ctime == c and n.kept_mtime == m \
+            and n.kept_size == st.st_size
+        n.kept_ctime, n.kept_mtime, n.kept_size, n.has_kept = c, m, st.st_size, 1
+        pthread_mutex_unlock(&self.lock)
+        return keep
 
     cdef void _close_all(self) noexcept nogil:
         cdef int32_t i
@@ -466,6 +483,11 @@ cdef class NodeTable:
         cdef int32_t slot = self._slot_of_pinned(nodeid)
         if slot >= 0:
             self._set_stamp(slot, &s.st)
+
+    def keep_cache(self, uint64_t nodeid, Stat s not None) -> bool:
+        """`_keep_cache` for a node the caller has pinned (False for an unknown one)."""
+        cdef int32_t slot = self._slot_of_pinned(nodeid)
+        return slot >= 0 and self._keep_cache(slot, &s.st)
 
     def stamp(self, uint64_t nodeid):
         """(ctime, mtime, size) after the server's own last change, or None."""

@@ -3,6 +3,7 @@ concurrency, clean shutdown, and escapes attempted through the real FUSE client.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -81,6 +82,49 @@ def test_host_changes_reach_the_client(dirs, cache):
                           and not (mnt / "new").exists())
         os.chmod(host / "sub" / "moved", 0o600)
         assert eventually(lambda: (mnt / "sub" / "moved").stat().st_mode & 0o777 == 0o600)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of `path` in the client's page cache right after an open of it (mincore)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = (ctypes.c_ubyte * ((size + 4095) // 4096))()
+        try:
+            assert _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        return sum(b & 1 for b in vec)
+    finally:
+        os.close(fd)
+
+
+def test_auto_keeps_the_cache_of_an_unchanged_file(dirs):
+    """--cache auto is close-to-open as NFS's: an open keeps the pages the client cached when
+    the file is unchanged since, and drops them when the host changed it (even in place,
+    same size); --cache never caches nothing."""
+    host, mnt, _ = dirs
+    data, new = os.urandom(1 << 20), os.urandom(1 << 20)
+    (host / "f").write_bytes(data)
+    with ShareMount(host, mnt):
+        assert (mnt / "f").read_bytes() == data
+        assert resident_pages(mnt / "f") == 256         # the next open kept them all
+        assert (mnt / "f").read_bytes() == data
+        with open(host / "f", "r+b") as f:
+            f.write(new)
+        assert (mnt / "f").read_bytes() == new          # this open dropped them
+        assert resident_pages(mnt / "f") == 256
+    with ShareMount(host, mnt, "--cache", "never"):
+        assert (mnt / "f").read_bytes() == new
+        assert resident_pages(mnt / "f") == 0
 
 
 def test_cache_never_sees_host_writes_at_once(dirs):

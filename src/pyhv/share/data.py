@@ -38,15 +38,20 @@ class DataOps:
         if node.is_symlink:
             raise OSError(errno.ELOOP, "open of a symlink")     # never followed here
         fd = os.open(node.proc_path, self._open_flags(flags))
+        keep = 0
         try:
             if open_flags & fp.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
                 kill_suidgid(fd)
             if flags & os.O_TRUNC:
                 self._stamp(node, fd)
+            elif self.policy.close_to_open and self.inodes.c.keep_cache(
+                    node.nodeid, fs.lstat_at(fd, b"")):
+                keep = fp.FOPEN["KEEP_CACHE"]       # (pyhv.share.options: close-to-open)
         except OSError:
             os.close(fd)
             raise
-        return [fp.open_reply(unique, self._new_handle(fd, node), self.policy.open_flags)]
+        return [fp.open_reply(unique, self._new_handle(fd, node),
+                              self.policy.open_flags | keep)]
 
     def _op_create(self, unique, nodeid, args, ctx):
         flags, mode, _umask, _open_flags, name = args
@@ -96,6 +101,8 @@ class DataOps:
         fh, lock_owner = args
         h = self._handle(fh)
         self._drop_posix_locks(h.inode, lock_owner)
+        if self.files.written(fh):          # the close: the next open may come before
+            self._stamp(h.inode, h.fd)      # RELEASE, which the kernel sends async
         return [fp.error_reply(unique, 0)]
 
     def _op_release(self, unique, nodeid, args, ctx):

@@ -1,6 +1,14 @@
 """Share options and the cache policy each `--cache` mode stands for (as virtiofsd documents:
 never = no client caching, auto = NFS-like 1 s metadata timeout and close-to-open data,
-always = long timeouts and data kept across opens)."""
+always = long timeouts and data kept across opens).
+
+auto's close-to-open is NFS's: an open keeps the client's cached pages when the file's
+ctime, mtime and size are those of the data the client cached (read at its last open, or
+written by the client itself), and drops them otherwise. virtiofsd drops them at every
+open; NFS's rule reads an unchanged file (a header a build includes again, a file just
+written) from the client's cache, and a host change still shows at the next open (the
+kernel's multigrain timestamps make ctime change on every write that follows a stat) or at
+once through the host watch."""
 
 from __future__ import annotations
 
@@ -19,13 +27,14 @@ class CachePolicy:
     open_flags: int        # FOPEN_* for files
     dir_open_flags: int    # FOPEN_* for directories
     watch: bool            # host changes are pushed to the client (inotify)
+    close_to_open: bool = False  # an open keeps the pages of a file found unchanged
 
     @classmethod
     def for_mode(cls, mode: str) -> CachePolicy:
         if mode == "never":
             return cls(0.0, 0.0, fp.FOPEN["DIRECT_IO"], 0, False)
         if mode == "auto":
-            return cls(1.0, 1.0, 0, 0, True)
+            return cls(1.0, 1.0, 0, 0, True, close_to_open=True)
         if mode == "always":
             return cls(86400.0, 86400.0, fp.FOPEN["KEEP_CACHE"],
                        fp.FOPEN["KEEP_CACHE"] | fp.FOPEN["CACHE_DIR"], True)

@@ -222,7 +222,8 @@ class FuseServer(MetaOps, DataOps, LockOps):
         p, ids = self.policy, self.idmap
         self.fast.configure(p.entry_timeout, p.attr_timeout, p.open_flags, p.dir_open_flags,
                             self.opts.max_write, self.opts.readonly, self.watching,
-                            bool(self.negotiated & F["WRITEBACK_CACHE"]), os.geteuid() == 0)
+                            bool(self.negotiated & F["WRITEBACK_CACHE"]), os.geteuid() == 0,
+                            p.close_to_open)
         ok = True
         for axis, a in enumerate((ids.uid, ids.gid)):
             kind = 0 if a.identity else 1 if a.caller else 2
