@@ -109,8 +109,8 @@ def resident_pages(path: Path) -> int:
 
 def test_auto_keeps_the_cache_of_an_unchanged_file(dirs):
     """--cache auto is close-to-open as NFS's: an open keeps the pages the client cached when
-    the file is unchanged since, and drops them when the host changed it (even in place,
-    same size); --cache never caches nothing."""
+    the file is unchanged since (also the pages of what the client wrote), and drops them
+    when the host changed it (even in place, same size); --cache never caches nothing."""
     host, mnt, _ = dirs
     data, new = os.urandom(1 << 20), os.urandom(1 << 20)
     (host / "f").write_bytes(data)
@@ -122,6 +122,9 @@ def test_auto_keeps_the_cache_of_an_unchanged_file(dirs):
             f.write(new)
         assert (mnt / "f").read_bytes() == new          # this open dropped them
         assert resident_pages(mnt / "f") == 256
+        (mnt / "w").write_bytes(data)                    # written through the mount:
+        assert resident_pages(mnt / "w") == 256         # still cached at the next open
+        assert (host / "w").read_bytes() == data
     with ShareMount(host, mnt, "--cache", "never"):
         assert (mnt / "f").read_bytes() == new
         assert resident_pages(mnt / "f") == 0

@@ -206,8 +206,8 @@ class FuseServer(MetaOps, DataOps, LockOps):
         want = OFFERED
         if self.opts.writeback and not self.opts.readonly:
             want |= F["WRITEBACK_CACHE"]
-        if self.opts.cache == "auto":
-            want |= F["AUTO_INVAL_DATA"]
+        # (no FUSE_AUTO_INVAL_DATA in auto: the kernel would drop the pages of every file
+        # the client writes, its own mtime never being the host's; pyhv.share.options)
         if flags & F["OVER_IO_URING"] and self.ring_offer is not None and self.ring_offer():
             want |= F["OVER_IO_URING"] | F["INIT_EXT"]
         self.negotiated = flags & want

@@ -5,7 +5,8 @@ A name created, deleted or moved in a watched directory -> INVAL_ENTRY (the clie
 cached name, so the next access looks it up again); a file closed after writing, or its
 attributes changed -> INVAL_INODE (cached attributes and pages dropped). Data changes are
 taken at close (IN_CLOSE_WRITE), not per write(2): a host program that keeps a file open
-while writing shows its writes after the attribute timeout or its close. The server's own
+while writing shows its writes when it closes the file (or, when they change the size,
+once the attributes time out; `pyhv.share.options` on the cache modes). The server's own
 changes are recognised (names recorded before the change; the inode's (ctime, mtime, size)
 after our last change) and not echoed back, so client caches survive the client's own work.
 Events are read and matched in C (`hvcore.fswatch`, no GIL: the client's own creates and
