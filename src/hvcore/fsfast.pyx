@@ -116,6 +116,7 @@ cdef class FastPath:
     def __cinit__(self, NodeTable nodes not None, FileTable files not None):
         self.nodes = nodes
         self.files = files
+        files.nodes = nodes
         pthread_mutex_init(&self.lead, NULL)
 
     def __dealloc__(self):

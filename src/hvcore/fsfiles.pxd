@@ -2,6 +2,7 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
 from hvcore.includes.stat cimport stat
 from hvcore.includes.sys cimport pthread_mutex_t
+from hvcore.fsnodes cimport NodeTable
 
 
 cdef struct Slot:
@@ -18,6 +19,7 @@ cdef class FileTable:
     cdef Py_ssize_t cap
     cdef Py_ssize_t hint
     cdef pthread_mutex_t lock
+    cdef public NodeTable nodes     # counts each inode's written open files (host watch)
     cdef public bint enabled        # set once INIT is done
     cdef public bint writable       # WRITE served here (not on a read-only share)
     cdef public uint32_t max_io     # largest READ served here (max_write)
@@ -26,6 +28,7 @@ cdef class FileTable:
     cdef int _remove(self, uint64_t fh, stat *st, bint *written, int32_t *node) noexcept nogil
     cdef int32_t _node_of(self, uint64_t fh) noexcept nogil
     cdef int32_t _flushed(self, uint64_t fh, stat *st) noexcept nogil
+    cdef void _mark_written(self, Slot *sl) noexcept nogil
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil
     cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
                            Py_ssize_t cap) noexcept nogil

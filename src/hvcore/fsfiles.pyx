@@ -94,6 +94,8 @@ cdef class FileTable:
             return 0
         written[0] = sl.written
         node[0] = sl.node
+        if sl.written and sl.node >= 0 and self.nodes is not None:
+            self.nodes._writers(sl.node, -1)
         if st != NULL and sl.written:
             fstatat(sl.fd, "", st, AT_EMPTY_PATH)
         if sl.pins:
@@ -147,7 +149,7 @@ cdef class FileTable:
         pthread_mutex_lock(&self.lock)
         cdef Slot *sl = self._slot(fh)
         if sl != NULL:
-            sl.written = 1
+            self._mark_written(sl)
         pthread_mutex_unlock(&self.lock)
 
     def handles(self) -> list:
@@ -172,6 +174,14 @@ cdef class FileTable:
         pthread_mutex_unlock(&self.lock)
         return r
 
+    cdef void _mark_written(self, Slot *sl) noexcept nogil:
+        """With the lock held: the file is written through (its inode counts it until the
+        file is removed, so the host watch takes its IN_MODIFY events for ours)."""
+        if not sl.written:
+            sl.written = 1
+            if sl.node >= 0 and self.nodes is not None:
+                self.nodes._writers(sl.node, 1)
+
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil:
         """With the lock held: the live slot of `fh`, or NULL."""
         cdef uint64_t i = ((fh << 32) >> 32) - 1
@@ -189,7 +199,7 @@ cdef class FileTable:
         if sl != NULL:
             sl.pins += 1
             if write:
-                sl.written = 1
+                self._mark_written(sl)
             fd = sl.fd
         pthread_mutex_unlock(&self.lock)
         return fd

@@ -20,6 +20,7 @@ cdef struct Node:
     int fd                  # O_PATH descriptor, -1 while not cached (handle inodes)
     int pins                # requests and open files using fd now
     int wd                  # inotify watch of a directory, -1: none
+    int writers             # open files the server has written through (host watch)
     int mount_fd            # for open_by_handle_at
     uint32_t mode           # S_IFMT bits
     uint32_t handle_len     # bytes of handle in use; 0: no handle, fd kept for life
@@ -67,6 +68,7 @@ cdef class NodeTable:
     cdef int32_t _slot_of_pinned(self, uint64_t nodeid) noexcept nogil
     cdef void _set_stamp(self, int32_t slot, const stat *st) noexcept nogil
     cdef bint _keep_cache(self, int32_t slot, const stat *st) noexcept nogil
+    cdef void _writers(self, int32_t slot, int delta) noexcept nogil
     cdef int _grow(self) noexcept nogil
     cdef int32_t _alloc(self) noexcept nogil
     cdef void _free(self, int32_t s) noexcept nogil

@@ -405,17 +405,23 @@ cdef class NodeTable:
         n.has_kept = 1                  # the client made this change: its cache holds it
         pthread_mutex_unlock(&self.lock)
 
+    cdef void _writers(self, int32_t slot, int delta) noexcept nogil:
+        """An open file of the node's was written through (+1), or a written one closed."""
+        pthread_mutex_lock(&self.lock)
+        self.nodes[slot].writers += delta
+        pthread_mutex_unlock(&self.lock)
+
     cdef bint _keep_cache(self, int32_t slot, const stat *st) noexcept nogil:
         """An open finds the file as `st`: whether the client may keep the pages it caches
-        (the file is as they were read or written: same ctime, mtime and size), as NFS's
-        close-to-open does. From now on the client's cache holds `st`'s data either way
+        (the file is as they were read or written: same ctime, mtime and size, or the client
+        is writing it through an open file now), as NFS's close-to-open does. From now on the client's cache holds `st`'s data either way
         (an open without FOPEN_KEEP_CACHE drops the pages)."""
         cdef int64_t c = st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
         cdef int64_t m = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
         pthread_mutex_lock(&self.lock)
         cdef Node *n = &self.nodes[slot]
-        cdef bint keep = n.has_kept and n.kept_ctime == c and n.kept_mtime == m \
-            and n.kept_size == st.st_size
+        cdef bint keep = n.writers > 0 or (n.has_kept and n.kept_ctime == c
+                                           and n.kept_mtime == m and n.kept_size == st.st_size)
         n.kept_ctime, n.kept_mtime, n.kept_size, n.has_kept = c, m, st.st_size, 1
         pthread_mutex_unlock(&self.lock)
         return keep

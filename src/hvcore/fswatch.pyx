@@ -2,7 +2,9 @@
 """The host watch's per-event work in C: inotify events read and matched without the GIL.
 
 Every create, unlink or rename the server makes in a watched directory comes back as an
-inotify event, and every file it wrote as IN_CLOSE_WRITE; in Python each of those cost a
+inotify event, and every file it writes as IN_MODIFY and IN_CLOSE_WRITE (a file written
+through by the server while open is the server's; the events of a burst of writes merge in
+the queue while this thread waits); in Python each of those cost a
 wakeup of the interpreter (about 45 us, on the same CPUs the requests need). Here one thread
 reads the events in C, drops the server's own (names recorded in `OwnChanges` before the
 change was made; inodes whose (ctime, mtime, size) equal the stamp the server's last change
@@ -30,6 +32,7 @@ DEF NAME_MAX = 255
 DEF EXPECT_SLOTS = 1024
 DEF EVENTS_BUF = 65536
 DEF MAX_CHANGES = EVENTS_BUF // 16     # an event is at least 16 bytes
+DEF IN_MODIFY = 0x2
 DEF IN_ATTRIB = 0x4
 DEF IN_CLOSE_WRITE = 0x8
 DEF IN_MOVED_FROM = 0x40
@@ -37,7 +40,7 @@ DEF IN_MOVED_TO = 0x80
 DEF IN_CREATE = 0x100
 DEF IN_DELETE = 0x200
 DEF NAME_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-DEF DATA_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE
+DEF DATA_EVENTS = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
 DEF KIND_ENTRY = 0
 DEF KIND_INODE = 1
 
@@ -112,9 +115,12 @@ cdef uint64_t _node_of_wd(NodeTable t, int wd) noexcept nogil:
     return r
 
 
-cdef uint64_t _changed_inode(NodeTable t, uint64_t parent, const char *name) noexcept nogil:
+cdef uint64_t _changed_inode(NodeTable t, uint64_t parent, const char *name,
+                             bint written) noexcept nogil:
     """The nodeid of `name` in `parent` when the client holds it and it is not as the
-    server's own last change left it (0: not held, gone, or unchanged since)."""
+    server's own last change left it (0: not held, gone, or unchanged since). `written`
+    (IN_MODIFY alone): a write, which is ours while the server has the file open written
+    through (stamped at its FLUSH), a host program's otherwise."""
     cdef int pfd = -1, err = 0, rc
     cdef stat st
     cdef int32_t ps = t._pin(parent, &pfd, &err)
@@ -128,7 +134,7 @@ cdef uint64_t _changed_inode(NodeTable t, uint64_t parent, const char *name) noe
     pthread_mutex_lock(&t.lock)
     cdef int32_t s = t._find_key(st.st_dev, st.st_ino)
     cdef Node *n
-    if s >= 0:
+    if s >= 0 and not (written and t.nodes[s].writers > 0):
         n = &t.nodes[s]
         if not (n.has_stamp
                 and n.stamp_ctime == st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
@@ -205,7 +211,8 @@ cdef class Watcher:
                 c.kind, c.id, c.name, c.len = KIND_ENTRY, parent, name, <uint32_t>length
                 nch[0] += 1
             if ev.mask & DATA_EVENTS and end != NULL:
-                nodeid = _changed_inode(self.nodes, parent, name)
+                nodeid = _changed_inode(self.nodes, parent, name,
+                                        (ev.mask & DATA_EVENTS) == IN_MODIFY)
                 if nodeid:
                     c = &self.changes[nch[0]]
                     c.kind, c.id, c.name, c.len = KIND_INODE, nodeid, NULL, 0

@@ -130,6 +130,35 @@ def test_auto_keeps_the_cache_of_an_unchanged_file(dirs):
         assert resident_pages(mnt / "f") == 0
 
 
+@pytest.mark.parametrize("cache", ["always", "auto"])
+def test_a_host_writer_that_keeps_the_file_open_is_seen(dirs, cache):
+    """A host program writing in place (same size) and keeping its file open: a client that
+    keeps the file open sees the new data (the watch's IN_MODIFY), while the client's own
+    writes through the share keep its cache (told from a host program's: the server has
+    that file open written through; when both write one file, the host's show at its
+    close)."""
+    host, mnt, _ = dirs
+    (host / "db").write_bytes(b"a" * 8192)
+    with ShareMount(host, mnt, "--cache", cache):
+        fd = os.open(mnt / "db", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 8192, 0) == b"a" * 8192
+            with open(host / "db", "r+b") as w:
+                w.write(b"b" * 4096)
+                w.flush()
+                assert eventually(lambda: os.pread(fd, 4096, 0) == b"b" * 4096)
+                assert os.pread(fd, 4096, 4096) == b"a" * 4096
+        finally:
+            os.close(fd)
+        fd = os.open(mnt / "own", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"x" * 65536)
+            time.sleep(0.2)                 # the watch has seen the writes' IN_MODIFY
+            assert resident_pages(mnt / "own") == 16        # and left the pages alone
+        finally:
+            os.close(fd)
+
+
 def test_cache_never_sees_host_writes_at_once(dirs):
     host, mnt, _ = dirs
     (host / "f").write_text("a")

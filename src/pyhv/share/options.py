@@ -7,12 +7,11 @@ ctime, mtime and size are those of the data the client cached (read at its last 
 written by the client itself), and drops them otherwise. virtiofsd drops them at every
 open; NFS's rule reads an unchanged file (a header a build includes again, a file just
 written) from the client's cache, and a host change still shows at the next open (the
-kernel's multigrain timestamps make ctime change on every write that follows a stat).
-While a file stays open on the client, host changes show when the host program closes the
-file (the host watch's INVAL_INODE) or, when they change its size, once the attributes
-time out; FUSE_AUTO_INVAL_DATA, which would also catch a same-size change by a host program
-that keeps the file open, is not asked for: it drops the pages of every file the client
-writes, since the client's own idea of the mtime never equals the host's."""
+kernel's multigrain timestamps make ctime change on every write that follows a stat), and
+while the client keeps the file open, at once through the host watch (IN_MODIFY ->
+INVAL_INODE). FUSE_AUTO_INVAL_DATA (the kernel drops a file's pages when a fresh mtime
+differs from its own) is not asked for: it drops the pages of every file the client writes,
+its own idea of the mtime never being the host's; the watch does that job instead."""
 
 from __future__ import annotations
 

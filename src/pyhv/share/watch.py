@@ -2,13 +2,12 @@
 up, turned into FUSE notifications (cache modes auto and always).
 
 A name created, deleted or moved in a watched directory -> INVAL_ENTRY (the client drops the
-cached name, so the next access looks it up again); a file closed after writing, or its
-attributes changed -> INVAL_INODE (cached attributes and pages dropped). Data changes are
-taken at close (IN_CLOSE_WRITE), not per write(2): a host program that keeps a file open
-while writing shows its writes when it closes the file (or, when they change the size,
-once the attributes time out; `pyhv.share.options` on the cache modes). The server's own
-changes are recognised (names recorded before the change; the inode's (ctime, mtime, size)
-after our last change) and not echoed back, so client caches survive the client's own work.
+cached name, so the next access looks it up again); a file written (IN_MODIFY, and
+IN_CLOSE_WRITE), or its attributes changed -> INVAL_INODE (cached attributes and pages
+dropped), so a host program that keeps a file open while it writes shows its writes too.
+The server's own changes are recognised (names recorded before the change; writes while
+the server has the file open written through; the inode's (ctime, mtime, size) after our
+last change) and not echoed back, so client caches survive the client's own work.
 Events are read and matched in C (`hvcore.fswatch`, no GIL: the client's own creates and
 unlinks cost no Python); this thread wakes only for host-made changes and sends them,
 never from inside a request (a notification about a directory whose lock a request holds
@@ -34,7 +33,7 @@ IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW = 0x400, 0x800, 0x8000, 
 IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x1000000, 0x2000000, 0x4000000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 NAME_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-DATA_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE
+DATA_EVENTS = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
 MASK = NAME_EVENTS | DATA_EVENTS | IN_ONLYDIR | IN_EXCL_UNLINK
 
 
