@@ -37,6 +37,9 @@ def mutate(data: bytes, offset: int, value: bytes) -> bytes:
     return bytes(b)
 
 
+READ_SPAN = 16 << 20
+
+
 def exercise(path, expect_error: str | None = None) -> list[str]:
     """Open, read everything, write a little; only our clear one-line errors may come out,
     and cluster 0 (header) changes only through a header rewrite of known fields."""
@@ -52,8 +55,11 @@ def exercise(path, expect_error: str | None = None) -> list[str]:
 
     def run() -> None:
         with pyhv.disk.open(str(path), "qcow2") as disk:
-            buf = bytearray(disk.size)
+            # a flipped size field can make a sparse disk of terabytes: read its start and
+            # its end, never a buffer of its whole size
+            buf = bytearray(min(disk.size, READ_SPAN))
             attempt(lambda: disk.read(0, buf))
+            attempt(lambda: disk.read(disk.size - len(buf), buf))
             attempt(lambda: disk.write(0, b"\x99" * 5000))
             attempt(lambda: disk.write(2 << 20, b"\x98" * 70000))
             attempt(disk.flush)
