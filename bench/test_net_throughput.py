@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.hostload import cross_cpu_round_trip_us
+from tests.helpers.net_ns import wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = 3
@@ -108,7 +109,7 @@ def iperf(ns: str, host: str, reverse: bool) -> float:
     server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        wait_listening(port)
         out = ns_exec(ns, "iperf3", "-c", host, "-p", str(port), "-t", str(SECONDS), "-J",
                       *(["-R"] if reverse else [])).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
@@ -189,7 +190,7 @@ def test_port_forward_throughput(record, benchmark):
                                            "-p", "5201"], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
                 try:
-                    time.sleep(0.5)
+                    wait_listening(5201, server.pid)
                     out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(hp), "-t",
                                           str(SECONDS), "-J"], capture_output=True, text=True,
                                          check=True, timeout=120).stdout

@@ -10,12 +10,34 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("net_client.py")
 BRIDGE = Path(__file__).with_name("net_bridge.py")
 _ids = itertools.count()
+
+
+def wait_listening(port: int, pid: int | str = "self", timeout: float = 30.0) -> None:
+    """Return once a TCP socket listens on `port` in the network namespace of process `pid`
+    (read from /proc, not probed: `iperf3 -s -1` would take a probe for its one client).
+    A server started in the background is then ready for its first client."""
+    deadline = time.monotonic() + timeout
+    suffix = f":{port:04X}"
+    while True:
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{pid}/net/{table}") as f:
+                    next(f)
+                    if any(fields[1].endswith(suffix) and fields[3] == "0A"
+                           for fields in (line.split() for line in f)):
+                        return
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on TCP port {port}")
+        time.sleep(0.01)
 
 
 def netns_reason() -> str | None:

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.helpers.net_ns import NetNs, netns_reason
+from tests.helpers.net_ns import NetNs, netns_reason, wait_listening
 
 GW, ALIAS, GUEST = "192.168.65.1", "192.168.65.254", "192.168.65.2"
 BIG = 100 * 1000 * 1000
@@ -284,6 +284,7 @@ def test_iperf3_both_directions(ns):
         server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
+            wait_listening(port)
             out = ns.run("iperf3", "-c", ALIAS, "-p", str(port), "-t", "2", "-J",
                          *reverse).stdout
             import json
