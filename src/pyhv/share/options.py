@@ -9,9 +9,8 @@ open; NFS's rule reads an unchanged file (a header a build includes again, a fil
 written) from the client's cache, and a host change still shows at the next open (the
 kernel's multigrain timestamps, Linux 6.13+, make ctime change on every write that follows
 a stat; before them a same-size write in the clock tick of the client's open is NFS's blind
-spot, which the watch covers), and
-while the client keeps the file open, at once through the host watch (IN_MODIFY ->
-INVAL_INODE). FUSE_AUTO_INVAL_DATA (the kernel drops a file's pages when a fresh mtime
+spot, which the watch covers), and while the client keeps the file open, at once through
+the host watch (IN_MODIFY -> INVAL_INODE). FUSE_AUTO_INVAL_DATA (the kernel drops a file's pages when a fresh mtime
 differs from its own) is not asked for: it drops the pages of every file the client writes,
 its own idea of the mtime never being the host's; the watch does that job instead."""
 
