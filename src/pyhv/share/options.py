@@ -10,9 +10,10 @@ written) from the client's cache, and a host change still shows at the next open
 kernel's multigrain timestamps, Linux 6.13+, make ctime change on every write that follows
 a stat; before them a same-size write in the clock tick of the client's open is NFS's blind
 spot, which the watch covers), and while the client keeps the file open, at once through
-the host watch (IN_MODIFY -> INVAL_INODE). FUSE_AUTO_INVAL_DATA (the kernel drops a file's pages when a fresh mtime
-differs from its own) is not asked for: it drops the pages of every file the client writes,
-its own idea of the mtime never being the host's; the watch does that job instead."""
+the host watch (IN_MODIFY -> INVAL_INODE). FUSE_AUTO_INVAL_DATA (the kernel drops a file's
+pages when a fresh mtime differs from its own) is not asked for: it drops the pages of
+every file the client writes, its own idea of the mtime never being the host's; the watch
+does that job instead."""
 
 from __future__ import annotations
 
