@@ -17,9 +17,18 @@ def main() -> int:
     for r in data["rows"]:
         wake = r.get("cross_cpu_round_trip_us")
         note = f", cross-CPU round trip {wake:.0f} us" if wake else ""
-        print(f"{r['name']:40} {r['pyhv']:>14,.0f} {r['anchor']:>14,.0f}  {r['ratio']:.3f}  "
+        print(f"{r['name']:40} {fmt(r['pyhv']):>14} {fmt(r['anchor']):>14}  {r['ratio']:.3f}  "
               f"{r['anchor_name']} ({r['unit']}{note})")
+        for extra in sorted({k[:-5] for k in r if k.endswith("_pyhv")}):
+            others = ", ".join(f"{k[len(extra) + 1:]} {fmt(v)}" for k, v in r.items()
+                               if k.startswith(extra + "_") and not k.endswith("_pyhv"))
+            print(f"  {extra:38} {fmt(r[extra + '_pyhv']):>14}  ({others})")
     return 0
+
+
+def fmt(value: float) -> str:
+    """Thousands apart for rates; three decimals for the small values (seconds)."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}"
 
 
 if __name__ == "__main__":
