@@ -291,3 +291,29 @@ def test_readdirplus_skips_inodes_the_client_holds(server, tree):
     assert nodeids[b"file"] == 0                       # already held: not looked up again
     assert nodeids[b"dir"] not in (0, file_node)        # new: looked up, with attributes
     assert call(server, fp.GETATTR, bytes(16), nodeid=nodeids[b"dir"])[0] == 0
+
+
+@pytest.mark.parametrize("path", ["handle", "dispatch"])
+def test_cache_auto_keeps_an_unchanged_file(server, tree, path):
+    """--cache auto (the default): OPEN says FOPEN_KEEP_CACHE when the file is as the client's
+    last open found it, never after a host change (`pyhv.share.options`); `handle` answers
+    OPEN in C, `dispatch` in Python."""
+    serve = getattr(server, path)
+    _, node = lookup(server, b"file")
+
+    def keeps() -> bool:
+        err, _, payload = reply(serve(request(fp.OPEN, OPEN_IN.pack(os.O_RDONLY, 0),
+                                              nodeid=node)))
+        assert err == 0
+        fh, flags = struct.unpack_from("=QI", payload)
+        assert call(server, fp.RELEASE, struct.pack("=QIIQ", fh, 0, 0, 0), nodeid=node)[0] == 0
+        return bool(flags & fp.FOPEN["KEEP_CACHE"])
+
+    assert not keeps()                          # nothing cached yet
+    assert keeps()
+    (tree[0] / "file").write_text("changed on the host")
+    assert not keeps()
+    assert keeps()
+    os.utime(tree[0] / "file", ns=(1, 1))       # only the mtime (and ctime) move
+    assert not keeps()
+    assert keeps()
