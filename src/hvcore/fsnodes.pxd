@@ -6,17 +6,36 @@ from hvcore.includes.stat cimport stat
 DEF HANDLE_WORDS = 17      # struct file_handle with MAX_HANDLE_SZ bytes, in 8-byte words
 
 
+cdef struct Stamp:
+    int64_t ctime           # ns; a file's state as far as caches tell changes: (ctime,
+    int64_t mtime           # mtime, size)
+    int64_t size
+    bint set                # 0: none recorded
+
+
+cdef inline Stamp stamp_of(const stat *st) noexcept nogil:
+    cdef Stamp s
+    s.ctime = st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
+    s.mtime = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
+    s.size = st.st_size
+    s.set = 1
+    return s
+
+
+cdef inline bint stamp_is(const Stamp *s, const stat *st) noexcept nogil:
+    """Whether `st` is the recorded state (False when none is)."""
+    cdef Stamp now = stamp_of(st)
+    return s.set and s.ctime == now.ctime and s.mtime == now.mtime and s.size == now.size
+
+
 cdef struct Node:
     uint64_t nodeid         # 0: a free slot
     uint64_t dev
     uint64_t ino
     int64_t nlookup
-    int64_t stamp_ctime     # (ctime, mtime, size) after the server's own last change
-    int64_t stamp_mtime
-    int64_t stamp_size
-    int64_t kept_ctime      # (ctime, mtime, size) of the data the client's page cache holds
-    int64_t kept_mtime      # (set at each open and by the server's own changes: an open
-    int64_t kept_size       # that finds the file so keeps the cache, NFS close-to-open)
+    Stamp stamp             # after the server's own last change (the host watch)
+    Stamp kept              # of the data the client's page cache holds (set at each open
+                            # and by the server's own changes; NFS close-to-open)
     int fd                  # O_PATH descriptor, -1 while not cached (handle inodes)
     int pins                # requests and open files using fd now
     int wd                  # inotify watch of a directory, -1: none
@@ -26,8 +45,6 @@ cdef struct Node:
     uint32_t handle_len     # bytes of handle in use; 0: no handle, fd kept for life
     bint dead               # forgotten while pinned: freed at the last unpin
     bint in_lru
-    bint has_stamp
-    bint has_kept
     bint pyheld             # Python keeps state for it (POSIX lock descriptors)
     int32_t next_id         # hash chains by nodeid, by (dev, ino), by wd; free list
     int32_t next_key

@@ -397,12 +397,8 @@ cdef class NodeTable:
     cdef void _set_stamp(self, int32_t slot, const stat *st) noexcept nogil:
         pthread_mutex_lock(&self.lock)
         cdef Node *n = &self.nodes[slot]
-        n.stamp_ctime = st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
-        n.stamp_mtime = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
-        n.stamp_size = st.st_size
-        n.has_stamp = 1
-        n.kept_ctime, n.kept_mtime, n.kept_size = n.stamp_ctime, n.stamp_mtime, n.stamp_size
-        n.has_kept = 1                  # the client made this change: its cache holds it
+        n.stamp = stamp_of(st)
+        n.kept = n.stamp                # the client made this change: its cache holds it
         pthread_mutex_unlock(&self.lock)
 
     cdef void _writers(self, int32_t slot, int delta) noexcept nogil:
@@ -414,15 +410,13 @@ cdef class NodeTable:
     cdef bint _keep_cache(self, int32_t slot, const stat *st) noexcept nogil:
         """An open finds the file as `st`: whether the client may keep the pages it caches
         (the file is as they were read or written: same ctime, mtime and size, or the client
-        is writing it through an open file now), as NFS's close-to-open does. From now on the client's cache holds `st`'s data either way
-        (an open without FOPEN_KEEP_CACHE drops the pages)."""
-        cdef int64_t c = st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
-        cdef int64_t m = st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
+        is writing it through an open file now), as NFS's close-to-open does. From now on
+        the client's cache holds `st`'s data either way (an open without FOPEN_KEEP_CACHE
+        drops the pages)."""
         pthread_mutex_lock(&self.lock)
         cdef Node *n = &self.nodes[slot]
-        cdef bint keep = n.writers > 0 or (n.has_kept and n.kept_ctime == c
-                                           and n.kept_mtime == m and n.kept_size == st.st_size)
-        n.kept_ctime, n.kept_mtime, n.kept_size, n.has_kept = c, m, st.st_size, 1
+        cdef bint keep = n.writers > 0 or stamp_is(&n.kept, st)
+        n.kept = stamp_of(st)
         pthread_mutex_unlock(&self.lock)
         return keep
 
@@ -503,9 +497,9 @@ cdef class NodeTable:
         if s >= 0:
             n = self.nodes[s]
         pthread_mutex_unlock(&self.lock)
-        if s < 0 or not n.has_stamp:
+        if s < 0 or not n.stamp.set:
             return None
-        return (n.stamp_ctime, n.stamp_mtime, n.stamp_size)
+        return (n.stamp.ctime, n.stamp.mtime, n.stamp.size)
 
     def set_pyheld(self, uint64_t nodeid, bint held) -> None:
         pthread_mutex_lock(&self.lock)

@@ -20,7 +20,7 @@ from libc.string cimport memchr, memcmp, memcpy
 from posix.unistd cimport read, usleep
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from hvcore.fsnodes cimport NodeTable, Node
+from hvcore.fsnodes cimport NodeTable, Node, stamp_is
 from hvcore.includes.fcntl cimport AT_SYMLINK_NOFOLLOW
 from hvcore.includes.inotify cimport inotify_event, inotify_add_watch
 from hvcore.includes.stat cimport stat, fstatat
@@ -136,10 +136,7 @@ cdef uint64_t _changed_inode(NodeTable t, uint64_t parent, const char *name,
     cdef Node *n
     if s >= 0 and not (written and t.nodes[s].writers > 0):
         n = &t.nodes[s]
-        if not (n.has_stamp
-                and n.stamp_ctime == st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
-                and n.stamp_mtime == st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
-                and n.stamp_size == st.st_size):
+        if not stamp_is(&n.stamp, &st):
             r = n.nodeid
     pthread_mutex_unlock(&t.lock)
     return r
