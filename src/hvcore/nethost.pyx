@@ -1,7 +1,9 @@
 # cython: language_level=3
 """The host sockets of TCP flows (in Cython, as the flows are: a short connection calls
-into this a dozen times), driven with plain non-blocking socket calls: no asyncio
-Transport, Protocol or Task per flow, and no event-loop registration per socket either.
+into this a dozen times), driven with plain non-blocking libc socket calls on raw
+descriptors: no Python socket object (its calls parse arguments, build address strings
+and raise BlockingIOError at the end of every read), no asyncio Transport, Protocol or
+Task per flow, and no event-loop registration per socket either.
 
 All flow sockets sit in one edge-triggered epoll set (`Poller`) whose fd the event loop
 watches: a flow's socket costs one epoll_ctl when it opens and none after (closing the
@@ -20,8 +22,20 @@ never from inside a call the flow is making."""
 import logging
 import os
 import select
-import socket
 import struct
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.unicode cimport PyUnicode_AsUTF8
+from libc.errno cimport EAGAIN, EEXIST, EINPROGRESS, EINTR, EINVAL, errno
+from posix.unistd cimport close
+
+from hvcore.includes.socket cimport (AF_INET, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD,
+                                     IPPROTO_TCP, MSG_NOSIGNAL, SHUT_WR, SO_ERROR, SO_LINGER,
+                                     SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET,
+                                     TCP_NODELAY, connect, epoll_create1, epoll_ctl,
+                                     epoll_event, epoll_wait, getpeername, getsockopt, htons,
+                                     inet_pton, linger, recv, send, setsockopt, shutdown,
+                                     sockaddr, sockaddr_in, socket, socklen_t)
 
 log = logging.getLogger(__name__)
 LINGER_RST = struct.pack("ii", 1, 0)
@@ -31,34 +45,96 @@ READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 ALL_EVENTS = READ_EVENTS | EPOLLOUT
 END_EVENTS = select.EPOLLRDHUP | EPOLLHUP | EPOLLERR
 MAX_EVENTS = 256
+DEF C_MAX_EVENTS = 256
 cdef unsigned int C_IN = select.EPOLLIN, C_OUT = select.EPOLLOUT, C_ERR = select.EPOLLERR
 cdef unsigned int C_HUP = select.EPOLLHUP, C_END = END_EVENTS
+cdef unsigned int C_READ = READ_EVENTS, C_ALL = ALL_EVENTS
+
+
+cdef inline object _oserror(int err):
+    return OSError(err, os.strerror(err))
+
+
+def connect_tcp(str host, int port) -> tuple:
+    """A non-blocking TCP connect to the dotted IPv4 `host`, on a raw descriptor (no
+    Python socket object: a short connection makes one per flow). Returns (fd, err):
+    err 0 when connected already (a loopback or otherwise fast peer has, by the time
+    connect() returns: getpeername() tells), EINPROGRESS while it runs (watch fd for
+    writability, then `so_error`), or the failure (fd is -1 then, nothing left open).
+    TCP_NODELAY is set first: guest segments go out as they come."""
+    cdef sockaddr_in sa
+    cdef socklen_t n = sizeof(sa)
+    cdef int one = 1, fd, err = 0
+    sa.sin_family = AF_INET
+    sa.sin_port = htons(port)
+    if port < 0 or port > 0xFFFF or inet_pton(AF_INET, PyUnicode_AsUTF8(host),
+                                               &sa.sin_addr) != 1:
+        return -1, EINVAL
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1, errno
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    if connect(fd, <sockaddr *>&sa, sizeof(sa)) < 0:
+        err = errno
+        if err == EINPROGRESS:
+            if getpeername(fd, <sockaddr *>&sa, &n) == 0:
+                err = 0
+            else:
+                err = _so_error(fd) or EINPROGRESS
+    if err and err != EINPROGRESS:
+        close(fd)
+        return -1, err
+    return fd, err
+
+
+cdef inline int _so_error(int fd) noexcept:
+    cdef int err = 0
+    cdef socklen_t n = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
+        return errno
+    return err
 
 
 cdef class Poller:
     """One epoll set for all flow sockets, watched by the event loop as one reader.
     Edge-triggered: an event not handled is not reported again, so a bug in one flow's
-    handler costs that flow (reset), never the other events of the batch."""
+    handler costs that flow (reset), never the other events of the batch. Each socket's
+    events carry its fd and a generation number, so an event queued for a socket closed
+    meanwhile never reaches a new socket that got the same fd number."""
 
-    cdef public object loop, counters, ep
+    cdef public object loop, counters
     cdef public dict socks
+    cdef public int epfd
+    cdef unsigned int gen
 
     def __init__(self, loop, counters=None):
         self.loop = loop
         self.counters = counters if counters is not None else {}
-        self.ep = select.epoll()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise _oserror(errno)
         self.socks = {}
-        loop.add_reader(self.ep.fileno(), self._ready)
+        self.gen = 0
+        loop.add_reader(self.epfd, self._ready)
+
+    cdef int _ctl(self, HostSocket hs, int op, unsigned int events) except -1:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = (<unsigned long long>hs.gen << 32) | <unsigned int>hs.fd
+        if epoll_ctl(self.epfd, op, hs.fd, &ev) < 0:
+            if op == EPOLL_CTL_ADD and errno == EEXIST:    # an fd number reused before
+                return self._ctl(hs, EPOLL_CTL_MOD, events)  # its old file left the set
+            raise _oserror(errno)
+        return 0
 
     def add(self, HostSocket hs, unsigned int events) -> None:
+        self.gen += 1
+        hs.gen = self.gen
         self.socks[hs.fd] = hs
-        try:
-            self.ep.register(hs.fd, events)
-        except FileExistsError:                # an fd number reused before its old file
-            self.ep.modify(hs.fd, events)      # left the set (closed elsewhere too)
+        self._ctl(hs, EPOLL_CTL_ADD, events)
 
     def modify(self, HostSocket hs, unsigned int events) -> None:
-        self.ep.modify(hs.fd, events)
+        self._ctl(hs, EPOLL_CTL_MOD, events)
 
     def forget(self, HostSocket hs) -> None:
         """`hs` closes its socket now (which takes it out of the epoll set)."""
@@ -66,15 +142,21 @@ cdef class Poller:
             del self.socks[hs.fd]
 
     def _ready(self) -> None:
+        cdef epoll_event events[C_MAX_EVENTS]
+        cdef int n = epoll_wait(self.epfd, events, C_MAX_EVENTS, 0), i
         cdef dict socks = self.socks
         cdef HostSocket hs
-        for fd, ev in self.ep.poll(0, MAX_EVENTS):
-            hs = socks.get(fd)
-            if hs is not None:                 # (events of a socket closed meanwhile: none)
-                try:
-                    hs.events(ev)
-                except Exception:
-                    self._internal_error(hs)
+        for i in range(n):
+            obj = socks.get(<int>(events[i].data.u64 & 0xFFFFFFFF))
+            if obj is None:                    # (events of a socket closed meanwhile)
+                continue
+            hs = <HostSocket>obj
+            if hs.gen != <unsigned int>(events[i].data.u64 >> 32):
+                continue                       # (... whose fd number a new one has now)
+            try:
+                hs.events(events[i].events)
+            except Exception:
+                self._internal_error(hs)
 
     cdef _internal_error(self, HostSocket hs):
         n = self.counters["internal errors"] = self.counters.get("internal errors", 0) + 1
@@ -89,14 +171,20 @@ cdef class Poller:
                 log.exception("pyhv net: cannot reset the flow")
 
     def close(self) -> None:
-        self.loop.remove_reader(self.ep.fileno())
-        self.ep.close()
+        if self.epfd >= 0:
+            self.loop.remove_reader(self.epfd)
+            close(self.epfd)
+            self.epfd = -1
 
 
 cdef class HostSocket:
+    """A flow's host socket, as a raw descriptor (`sock` may be given as a Python socket
+    object, which is detached: the HostSocket owns and closes the fd)."""
+
     cdef public Poller poller
-    cdef public object loop, sock, conn, on_connect
+    cdef public object loop, conn, on_connect
     cdef public int fd
+    cdef public unsigned int gen
     cdef public bytearray wbuf
     cdef public bint reading, readable, writing, out_armed, eof_pending, closing, blocked
     cdef public bint read_scheduled, ended, hangup
@@ -104,7 +192,8 @@ cdef class HostSocket:
 
     def __init__(self, Poller poller, sock, conn, Py_ssize_t limit):
         self.poller, self.loop = poller, poller.loop
-        self.sock, self.fd, self.conn = sock, sock.fileno(), conn
+        self.fd = sock if type(sock) is int else sock.detach()
+        self.conn = conn
         self.wbuf = bytearray()
         self.reading = self.readable = self.writing = self.out_armed = False
         self.eof_pending = self.closing = self.blocked = self.read_scheduled = False
@@ -116,14 +205,18 @@ cdef class HostSocket:
     def register(self, bint reading) -> None:
         """Join the poller; read from now on when `reading`."""
         self.reading = reading
-        self.poller.add(self, READ_EVENTS)
+        self.poller.add(self, C_READ)
 
     def await_connect(self, done) -> None:
         """Join the poller while a non-blocking connect runs: done() once it has ended
-        (SO_ERROR tells how). Closing the socket first cancels the wait."""
+        (`so_error()` tells how). Closing the socket first cancels the wait."""
         self.on_connect = done
         self.out_armed = True
-        self.poller.add(self, ALL_EVENTS)
+        self.poller.add(self, C_ALL)
+
+    def so_error(self) -> int:
+        """The socket's pending error (SO_ERROR, which reading clears), 0 for none."""
+        return _so_error(self.fd) if self.fd >= 0 else 0
 
     @property
     def pending(self) -> int:
@@ -131,6 +224,7 @@ cdef class HostSocket:
         return len(self.wbuf)
 
     cpdef events(self, unsigned int ev):
+        cdef int err
         if self.on_connect is not None:
             if ev & (C_OUT | C_ERR | C_HUP):
                 self.readable = (ev & C_IN) != 0
@@ -138,9 +232,9 @@ cdef class HostSocket:
                 done()
             return
         if ev & C_ERR and not self.reading:  # a reset while we do not read (paused,
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)   # or after EOF)
+            err = _so_error(self.fd)         # or after EOF)
             if err:
-                self._failed(OSError(err, os.strerror(err)))
+                self._failed(_oserror(err))
                 return
         if ev & ~C_OUT:
             self.readable = True
@@ -173,23 +267,28 @@ cdef class HostSocket:
 
     cdef _read(self):
         """Read until a short read (or EOF, or the flow pauses), then let the flow send."""
-        cdef Py_ssize_t n
+        cdef Py_buffer view
+        cdef Py_ssize_t n, size
+        cdef int err
         conn = self.conn
         while self.reading and self.readable:
             buf = conn.host_buffer()
-            try:
-                n = self.sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
-                self.readable = False
-                break
-            except OSError as e:
-                self._failed(e)
+            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+            size = view.len
+            n = recv(self.fd, view.buf, size, 0)
+            err = errno
+            PyBuffer_Release(&view)
+            if n < 0:
+                if err == EAGAIN or err == EINTR:
+                    self.readable = False
+                    break
+                self._failed(_oserror(err))
                 return
             if not n:                           # EOF: our half stays open (half-close)
                 self.readable = self.reading = False
                 conn.host_eof()
                 break
-            if n < len(buf):                    # a short read: nothing more for now,
+            if n < size:                        # a short read: nothing more for now,
                 if self.hangup:                 # and after the peer's FIN, nothing more
                     self.readable = self.reading = False
                     conn.host_data(n)
@@ -202,17 +301,30 @@ cdef class HostSocket:
 
     # ---- writing
 
+    cdef Py_ssize_t _send(self, data) except? -1:
+        """send() what it takes of `data`: bytes sent, 0 when the socket is full, -errno
+        on a failure."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        cdef int err
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        n = send(self.fd, view.buf, view.len, MSG_NOSIGNAL)
+        err = errno
+        PyBuffer_Release(&view)
+        if n < 0:
+            return 0 if err == EAGAIN or err == EINTR else -err
+        return n
+
     def write(self, data) -> None:
+        cdef Py_ssize_t n
         if self.closing:
             return
         if not self.writing:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
+            n = self._send(data)
+            if n < 0:
+                exc = _oserror(-n)
                 self._close_now()
-                self.loop.call_soon(self.conn.host_lost, e)
+                self.loop.call_soon(self.conn.host_lost, exc)
                 return
             if n == len(data):
                 return
@@ -220,18 +332,17 @@ cdef class HostSocket:
             self.writing = True
             if not self.out_armed:
                 self.out_armed = True
-                self.poller.modify(self, ALL_EVENTS)
+                self.poller.modify(self, C_ALL)
         self.wbuf += data                       # (EPOLLOUT comes when room does)
         if len(self.wbuf) > self.high:
             self.blocked = True
 
     cdef _writable(self):
-        try:
-            n = self.sock.send(self.wbuf)
-        except (BlockingIOError, InterruptedError):
+        cdef Py_ssize_t n = self._send(self.wbuf)
+        if n < 0:
+            self._failed(_oserror(-n))
             return
-        except OSError as e:
-            self._failed(e)
+        if not n:
             return
         del self.wbuf[:n]
         if not self.wbuf:
@@ -255,10 +366,8 @@ cdef class HostSocket:
 
     cdef _shutdown(self):
         self.eof_pending = False
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if self.fd >= 0:
+            shutdown(self.fd, SHUT_WR)
 
     # ---- ends
 
@@ -281,11 +390,10 @@ cdef class HostSocket:
 
     def abort(self) -> None:
         """Close at once with RST (the guest reset its side, or the flow gave up)."""
+        cdef linger lg
         if self.fd >= 0:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-            except OSError:
-                pass
+            lg.l_onoff, lg.l_linger = 1, 0
+            setsockopt(self.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
         self._close_now()
 
     cdef _close_now(self):
@@ -296,5 +404,5 @@ cdef class HostSocket:
             return
         self.poller.forget(self)
         self.wbuf = bytearray()
+        close(self.fd)
         self.fd = -1
-        self.sock.close()

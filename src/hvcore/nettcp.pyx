@@ -20,6 +20,7 @@ RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its 
 number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
 """
 
+import logging
 import random
 
 from libc.stdint cimport uint64_t
@@ -27,6 +28,8 @@ from libc.stdint cimport uint64_t
 from hvcore.netpkt cimport Packet
 from hvcore.netpkt import parse
 from hvcore.netreasm import Reassembly
+
+log = logging.getLogger(__name__)
 
 DEF F_FIN = 0x01
 DEF F_SYN = 0x02
@@ -81,7 +84,8 @@ cdef inline long long _max(long long a, long long b) noexcept:
 
 
 cdef class TcpConn:
-    cdef public object nat, stack, builder, loop, counters, key
+    cdef public object nat, builder, loop, counters, key
+    cdef public StackCore stack
     cdef public long long rcv_cap, snd_cap
     cdef public long long guest, gport, peer, pport
     cdef public int state
@@ -146,7 +150,7 @@ cdef class TcpConn:
         return _min(self._wnd() >> self.rcv_wscale, 0xFFFF)
 
     cdef _sent_ack(self, long long wnd_field):
-        stack = self.stack
+        cdef StackCore stack = self.stack
         if stack.delayed and self in stack.delayed:
             stack.ack_sent(self)
         self.last_ack, self.last_wnd = self.rcv_nxt, wnd_field
@@ -168,7 +172,7 @@ cdef class TcpConn:
     def ack_now(self) -> None:
         self._segment(F_ACK)
 
-    def flush_ack(self) -> None:
+    cpdef flush_ack(self):
         """Called once per batch of guest frames: one ACK for all of them, if owed. Less
         than DELACK_BYTES of new data (a request) is ACKed DELACK later, so the host's
         answer, if it comes by then, carries the ACK (one frame less per exchange)."""
@@ -686,28 +690,136 @@ def dispatch(frames, bint vnet, builder, dict conns, syn, other, error) -> None:
     (from the guest's known MAC) to its flow, a new connection's SYN to `syn(pkt, key)`
     (the flow table decides), anything else to `other(pkt)`. A failure costs its frame:
     `error()` is called from the except block (it counts and logs)."""
+    _dispatch(frames, vnet, builder, conns, syn, other, error)
+
+
+cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
     cdef list pkts = [parse(f, vnet) for f in frames]
     cdef Packet pkt
     cdef TcpConn conn
-    cdef uint64_t mac
+    cdef uint64_t mac = builder.guest_mac
     if len(pkts) > 1:
         pkts = syns_first(pkts)
     for pkt in pkts:
         try:
-            if pkt.kind == K_IPV4 and pkt.proto == 6 and pkt.ttl > 1:
-                mac = builder.guest_mac
-                if pkt.mac_src == mac:
-                    key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
-                    c = conns.get(key)
-                    if c is None:
-                        if pkt.flags & SYN_MASK == F_SYN:
-                            syn(pkt, key)      # a new connection
-                            continue
-                    else:
-                        conn = <TcpConn>c
-                        if conn.state != S_TIME_WAIT:
-                            conn.segment(pkt)
-                            continue
+            if pkt.kind == K_IPV4 and pkt.proto == 6 and pkt.ttl > 1 and pkt.mac_src == mac:
+                key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+                c = conns.get(key)
+                if c is None:
+                    if pkt.flags & SYN_MASK == F_SYN:
+                        syn(pkt, key)          # a new connection
+                        continue
+                else:
+                    conn = <TcpConn>c
+                    if conn.state != S_TIME_WAIT:
+                        conn.segment(pkt)
+                        continue
             other(pkt)
+            mac = builder.guest_mac            # (ARP or IP may have taught a new MAC)
         except Exception:
+            mac = builder.guest_mac
             error()
+
+
+# ---- the stack's per-frame part
+
+DEF BROADCAST_MAC = 0xFFFFFFFFFFFF
+
+
+cdef class StackCore:
+    """What the flows call per segment and the port per batch, as C calls: receiving a
+    batch (dispatch, then one ACK per flow that owes one), sending, delayed ACKs and the
+    work deferred with them. `pyhv.net.stack.Stack` is this plus everything that is not
+    per segment (ARP, IP, ICMP, services, hold-until-MAC, stats); it sets the fields."""
+
+    cdef public object cfg, port, pcap, builder, counters, loop, delack_timer
+    cdef public object on_syn, on_other
+    cdef public dict conns
+    cdef public bint vnet, host_written
+    cdef public set ack_pending, delayed     # flows owing an ACK: now / in DELACK
+    cdef public list deferred                # work that can wait as long
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self.ack_pending, self.delayed, self.deferred = set(), set(), []
+
+    def receive(self, frames) -> None:
+        """A batch of frames from the port; ACKs owed are sent once at the end. A segment
+        of a known TCP flow from the guest's known MAC goes to its flow directly."""
+        cdef TcpConn conn
+        if self.pcap is not None:
+            self.pcap.write(frames, self.vnet)
+        _dispatch(frames, self.vnet, self.builder, self.conns, self.on_syn, self.on_other,
+                  self._frame_error)
+        if self.ack_pending:
+            pending, self.ack_pending = self.ack_pending, set()
+            for c in pending:
+                conn = <TcpConn>c
+                conn.flush_ack()
+        if self.host_written:               # a host now works on what we wrote: deferred
+            self.host_written = False       # work runs while we wait for its answer
+            if self.deferred:
+                self._run_deferred()
+
+    def _frame_error(self) -> None:
+        """A bug must cost one frame, not the service (called in the except block)."""
+        self.counters["internal errors"] += 1
+        if self.counters["internal errors"] == 1:
+            log.exception("pyhv net: internal error on a frame (dropped)")
+
+    cpdef send(self, list frames):
+        if self.builder.guest_mac == BROADCAST_MAC:
+            self.hold(frames)
+            return
+        if self.pcap is not None:
+            self.pcap.write(frames, self.vnet)
+        self.port.send(frames)
+
+    def hold(self, list frames) -> None:
+        raise NotImplementedError
+
+    cpdef delay_ack(self, conn):
+        """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
+        self.delayed.add(conn)
+        if self.delack_timer is None:
+            self.delack_timer = self.loop.call_later(DELACK, self._later)
+
+    cpdef defer(self, callback):
+        """Run `callback` with the delayed ACKs, or sooner once a batch of guest frames
+        gave a host socket work (we wait for its answer then): work nobody waits for
+        (a finished flow's last ACK, closing its host socket) leaves the path of the
+        next connection's handshake."""
+        self.deferred.append(callback)
+        if self.delack_timer is None:
+            self.delack_timer = self.loop.call_later(DELACK, self._later)
+
+    cpdef ack_sent(self, conn):
+        """`conn` sent its ACK with something else: no timer for nothing."""
+        self.delayed.discard(conn)
+        if not self.delayed and not self.deferred and self.delack_timer is not None:
+            self.delack_timer.cancel()
+            self.delack_timer = None
+
+    def _later(self) -> None:
+        self.delack_timer = None
+        delayed, self.delayed = self.delayed, set()
+        for conn in delayed:
+            try:
+                conn.delayed_ack()
+            except Exception:
+                self._deferred_error()
+        self._run_deferred()
+
+    cpdef _run_deferred(self):
+        """Each deferred call is guarded: a bug costs that call, not the ones after it."""
+        deferred, self.deferred = self.deferred, []
+        for callback in deferred:
+            try:
+                callback()
+            except Exception:
+                self._deferred_error()
+
+    def _deferred_error(self) -> None:
+        self.counters["internal errors"] += 1
+        if self.counters["internal errors"] == 1:
+            log.exception("pyhv net: internal error in deferred work")

@@ -12,4 +12,5 @@ from hvcore.nethost import (  # noqa: F401  (re-exported)
     READ_EVENTS,
     HostSocket,
     Poller,
+    connect_tcp,
 )

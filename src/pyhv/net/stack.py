@@ -11,19 +11,19 @@ from collections import Counter
 from hvcore import netpkt
 from hvcore.netbuild import Builder
 from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
-from hvcore.nettcp import dispatch, syns_first  # noqa: F401  (syns_first: re-exported)
+from hvcore.nettcp import StackCore, syns_first  # noqa: F401  (syns_first: re-exported)
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
-from pyhv.net.tcp import DELACK
 
-BROADCAST_MAC = 0xFFFFFFFFFFFF
 log = logging.getLogger(__name__)
 HELD_MAX = 64
 
 
-class Stack:
-    """One virtual network: a gateway, its services and NAT, behind one frame port."""
+class Stack(StackCore):
+    """One virtual network: a gateway, its services and NAT, behind one frame port.
+    Receiving a batch, sending, delayed ACKs and deferred work are `StackCore`'s (C
+    calls for the flows); the rest is here."""
 
     def __init__(self, cfg: NetConfig, port: FramePort, pcap=None):
         from pyhv.net.dhcp import Dhcp
@@ -42,9 +42,7 @@ class Stack:
         self.icmp = Icmp(self)
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
-        self.ack_pending: set = set()
-        self.delayed: set = set()           # flows owing a delayed ACK
-        self.deferred: list = []            # and work that can wait as long
+        self.conns, self.on_syn, self.on_other = self.tcp.conns, self.tcp.syn, self.packet
         self.host_written = False           # this batch wrote to a host socket
         self.delack_timer = None
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
@@ -68,76 +66,7 @@ class Stack:
         self.icmp.close()
         self.port.close()
 
-    # ---- input
-
-    def receive(self, frames: list[bytes]) -> None:
-        """A batch of frames from the port; ACKs owed are sent once at the end. A segment
-        of a known TCP flow from the guest's known MAC goes to its flow directly (parsing and
-        dispatch in hvcore.nettcp.dispatch)."""
-        if self.pcap is not None:
-            self.pcap.write(frames, self.vnet)
-        dispatch(frames, self.vnet, self.builder, self.tcp.conns, self.tcp.syn, self.packet,
-                 self._frame_error)
-        if self.ack_pending:
-            pending, self.ack_pending = self.ack_pending, set()
-            for conn in pending:
-                conn.flush_ack()
-        if self.host_written:               # a host now works on what we wrote: deferred
-            self.host_written = False       # work runs while we wait for its answer
-            if self.deferred:
-                self._run_deferred()
-
-    def _frame_error(self) -> None:
-        """A bug must cost one frame, not the service (called in the except block)."""
-        self.counters["internal errors"] += 1
-        if self.counters["internal errors"] == 1:
-            log.exception("pyhv net: internal error on a frame (dropped)")
-
-    def delay_ack(self, conn) -> None:
-        """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
-        self.delayed.add(conn)
-        if self.delack_timer is None:
-            self.delack_timer = self.loop.call_later(DELACK, self._later)
-
-    def defer(self, callback) -> None:
-        """Run `callback` with the delayed ACKs, or sooner once a batch of guest frames
-        gave a host socket work (we wait for its answer then): work nobody waits for
-        (a finished flow's last ACK, closing its host socket) leaves the path of the
-        next connection's handshake."""
-        self.deferred.append(callback)
-        if self.delack_timer is None:
-            self.delack_timer = self.loop.call_later(DELACK, self._later)
-
-    def ack_sent(self, conn) -> None:
-        """`conn` sent its ACK with something else: no timer for nothing."""
-        self.delayed.discard(conn)
-        if not self.delayed and not self.deferred and self.delack_timer is not None:
-            self.delack_timer.cancel()
-            self.delack_timer = None
-
-    def _later(self) -> None:
-        self.delack_timer = None
-        delayed, self.delayed = self.delayed, set()
-        for conn in delayed:
-            try:
-                conn.delayed_ack()
-            except Exception:
-                self._deferred_error()
-        self._run_deferred()
-
-    def _run_deferred(self) -> None:
-        """Each deferred call is guarded: a bug costs that call, not the ones after it."""
-        deferred, self.deferred = self.deferred, []
-        for callback in deferred:
-            try:
-                callback()
-            except Exception:
-                self._deferred_error()
-
-    def _deferred_error(self) -> None:
-        self.counters["internal errors"] += 1
-        if self.counters["internal errors"] == 1:
-            log.exception("pyhv net: internal error in deferred work")
+    # ---- input (receive: StackCore)
 
     def frame(self, frame: bytes) -> None:
         self.packet(netpkt.parse(frame, self.vnet))
@@ -213,17 +142,9 @@ class Stack:
         else:
             self.counters["ignored ip protocol"] += 1
 
-    # ---- output
+    # ---- output (send: StackCore)
 
-    def send(self, frames: list) -> None:
-        if self.builder.guest_mac == BROADCAST_MAC:
-            self._hold(frames)
-            return
-        if self.pcap is not None:
-            self.pcap.write(frames, self.vnet)
-        self.port.send(frames)
-
-    def _hold(self, frames: list) -> None:
+    def hold(self, frames: list) -> None:
         """No frame from the guest yet, so no MAC to send to (a forward's SYN can come
         first): keep a few frames, and ask with ARP for the guest's address."""
         room = HELD_MAX - len(self.held)

@@ -6,7 +6,8 @@ succeeds, RST when refused, ICMP unreachable when the host has no route or the c
 times out (as VPNKit and gvproxy do). Connects in flight are limited in total and per
 destination, so one black-holed destination never stalls connections to others.
 
-The connect is a non-blocking `connect()` made while handling the SYN: to a loopback or
+The connect is a non-blocking `connect()` made while handling the SYN
+(`hvcore.nethost.connect_tcp`, on a raw descriptor): to a loopback or
 otherwise fast peer it has completed when the call returns (getpeername() tells), so the
 SYN-ACK (or RST) leaves in the same loop iteration; otherwise the socket waits for
 writability, with a timer for the connect timeout. Flows in TIME_WAIT expire through one
@@ -14,21 +15,18 @@ FIFO and one timer (every flow waits the same time), not a timer each."""
 
 from __future__ import annotations
 
-import _socket
 import errno
-import socket
 from collections import Counter, deque
 
 from hvcore.netpkt import ACK, FIN, RST, SYN
 from pyhv.net import tcp
-from pyhv.net.hostsock import HostSocket, Poller
+from pyhv.net.hostsock import HostSocket, Poller, connect_tcp
 from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn, host_connected
 
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
 EPHEMERAL = (32768, 60999)
 WAIT_STEP = 0.1
-SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 class TcpNat:
@@ -105,21 +103,9 @@ class TcpNat:
         conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn.accept_syn(pkt)
         self.conns[key] = conn
-        sock = None
-        try:
-            sock = _socket.socket(socket.AF_INET, SOCK_TYPE)   # (the C type: no
-            err = sock.connect_ex(target)                      # Python-level __init__)
-            if err == errno.EINPROGRESS:
-                try:
-                    sock.getpeername()          # connected already (loopback, LAN)
-                    err = 0
-                except OSError:
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or \
-                        errno.EINPROGRESS
-        except OSError as e:
-            err = e.errno or errno.EIO
+        fd, err = connect_tcp(*target)
         if err == 0:
-            self._connected(conn, sock)
+            self._connected(conn, fd)
         elif err == errno.EINPROGRESS:
             conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
             conn.connect_dest = dest
@@ -127,36 +113,29 @@ class TcpNat:
             self.per_dest[dest] += 1
             conn.connect_timer = stack.loop.call_later(cfg.connect_timeout,
                                                        self._connect_timeout, conn)
-            conn.host = HostSocket(self.poller, sock, conn, conn.rcv_cap)
+            conn.host = HostSocket(self.poller, fd, conn, conn.rcv_cap)
             conn.host.await_connect(lambda: self._connect_done(conn))
         else:
-            if sock is not None:
-                sock.close()
             conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
             self._connect_failed(conn, err)
 
-    def _connected(self, conn: TcpConn, sock) -> None:
+    def _connected(self, conn: TcpConn, fd: int) -> None:
         self.stack.counters["tcp connections"] += 1
         if conn.host is None:
             conn.send_synack()                  # what the guest waits for goes first
-            host_connected(conn, sock)
+            host_connected(conn, fd)
         else:
             conn.host.start_reading()
             conn.send_synack()
-        try:                                    # guest segments go out as they come
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
     def _connect_done(self, conn: TcpConn) -> None:
         """The socket of a connect in flight became writable: connected, or failed."""
         self._connect_ended(conn)
-        sock = conn.host.sock
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = conn.host.so_error()
         if err:
             self._connect_failed(conn, err)
         else:
-            self._connected(conn, sock)
+            self._connected(conn, conn.host.fd)
 
     def _connect_timeout(self, conn: TcpConn) -> None:
         conn.connect_timer = None
