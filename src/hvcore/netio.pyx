@@ -17,29 +17,69 @@ from posix.uio cimport iovec, writev
 DEF MAX_PARTS = 8
 
 
-def read_frames(int fd, int max_frames, Py_ssize_t max_size) -> list:
-    """Up to `max_frames` frames (bytearrays of at most `max_size` bytes), until the fd
-    has no more (EAGAIN). Raises OSError only when the very first read fails otherwise."""
-    cdef list frames = []
-    cdef bytearray buf
-    cdef char *p
-    cdef Py_ssize_t n
-    cdef int err
-    while len(frames) < max_frames:
-        buf = PyByteArray_FromStringAndSize(NULL, max_size)
-        p = PyByteArray_AS_STRING(buf)
-        with nogil:
-            n = read(fd, p, max_size)
-            err = errno
-        if n < 0:
-            if err == EINTR:
-                continue
-            if err == EAGAIN or frames:
-                break
-            raise OSError(err, f"reading frames from fd {fd}")
-        PyByteArray_Resize(buf, n)              # shrinks in place (realloc)
-        frames.append(buf)
-    return frames
+DEF SMALL = 2048                                # frames up to this size are copied out
+
+
+cdef class FrameFd:
+    """The per-frame part of a port on such an fd (`pyhv.net.ports.FdPort`): reading a
+    batch and handing it to `deliver`, writing frames, and the port's counters, as C
+    calls with no Python frame in between."""
+
+    cdef public int fd, max_frames
+    cdef public Py_ssize_t max_size
+    cdef public long long frames_in, frames_out, dropped
+    cdef public object deliver
+    cdef bytearray spare
+
+    def __init__(self, int fd, int max_frames, Py_ssize_t max_size):
+        self.fd, self.max_frames, self.max_size = fd, max_frames, max_size
+        self.deliver = None
+        self.spare = None
+
+    def readable(self) -> None:
+        """The fd is readable (an event-loop reader callback): read and deliver a batch."""
+        cdef list frames = self.read()
+        if frames:
+            self.frames_in += len(frames)
+            self.deliver(frames)
+
+    cpdef list read(self):
+        """Up to `max_frames` frames (bytearrays of at most `max_size` bytes), until the
+        fd has no more (EAGAIN). Raises OSError only when the very first read fails
+        otherwise. Each read lands in `spare` (a buffer of max_size kept between calls):
+        a small frame is copied out at its size, a large one takes the buffer itself
+        (shrunk in place), so neither small frames nor the final EAGAIN allocate a
+        frame-sized buffer."""
+        cdef list frames = []
+        cdef bytearray buf
+        cdef char *p
+        cdef Py_ssize_t n, size = self.max_size
+        cdef int err, fd = self.fd
+        while len(frames) < self.max_frames:
+            if self.spare is None:
+                self.spare = PyByteArray_FromStringAndSize(NULL, size)
+            buf = self.spare
+            p = PyByteArray_AS_STRING(buf)
+            with nogil:
+                n = read(fd, p, size)
+                err = errno
+            if n < 0:
+                if err == EINTR:
+                    continue
+                if err == EAGAIN or frames:
+                    break
+                raise OSError(err, f"reading frames from fd {fd}")
+            if n <= SMALL:
+                frames.append(PyByteArray_FromStringAndSize(p, n))
+            else:
+                PyByteArray_Resize(buf, n)      # shrinks in place (realloc)
+                frames.append(buf)
+                self.spare = None
+        return frames
+
+    cpdef send(self, frames):
+        self.dropped += write_frames(self.fd, frames)
+        self.frames_out += len(frames)
 
 
 def write_frames(int fd, frames) -> int:

@@ -20,13 +20,16 @@ RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its 
 number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
 """
 
+import errno
 import logging
 import random
+from collections import deque
 
 from libc.stdint cimport uint64_t
 
 from hvcore.netpkt cimport Packet
 from hvcore.netpkt import parse
+from hvcore.nethost import HostSocket, connect_tcp
 from hvcore.netreasm import Reassembly
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ READ_CHUNK = 256 << 10          # largest host read
 MIN_ROOM = 16 << 10             # grow (doubling) or compact when less room is left
 DELACK_BYTES = 1024             # new data below this (and below one MSS) is ACKed ...
 DELACK = 0.001                  # ... this much later, unless an answer carries the ACK
+WAIT_STEP = 0.1                 # TIME_WAIT expiry runs at most this often
 
 cdef enum:
     S_CONNECTING, S_SYN_SENT, S_SYN_RCVD, S_ESTABLISHED, S_CLOSE_WAIT, S_FIN_WAIT_1,
@@ -84,7 +88,8 @@ cdef inline long long _max(long long a, long long b) noexcept:
 
 
 cdef class TcpConn:
-    cdef public object nat, builder, loop, counters, key
+    cdef public object builder, loop, counters, key
+    cdef public NatCore nat
     cdef public StackCore stack
     cdef public long long rcv_cap, snd_cap
     cdef public long long guest, gport, peer, pport
@@ -117,7 +122,7 @@ cdef class TcpConn:
     cdef public object syn_head, on_close
     cdef object __weakref__
 
-    def __init__(self, nat, guest: int, gport: int, peer: int, pport: int):
+    def __init__(self, NatCore nat, guest: int, gport: int, peer: int, pport: int):
         stack = nat.stack
         self.nat, self.stack = nat, stack
         self.builder = stack.builder
@@ -823,3 +828,98 @@ cdef class StackCore:
         self.counters["internal errors"] += 1
         if self.counters["internal errors"] == 1:
             log.exception("pyhv net: internal error in deferred work")
+
+
+# ---- the flow table's per-connection part
+
+cdef class NatCore:
+    """What every connection runs in the flow table, as C calls: a guest SYN's host
+    connect and SYN-ACK (`syn`), a flow's end (`remove`), TIME_WAIT and its expiry.
+    `pyhv.net.tcpnat.TcpNat` is this plus the policy around it that is not per
+    connection (connects in flight and their timeouts, failures, forwards, the idle
+    sweep, stats); it sets the fields."""
+
+    cdef public StackCore stack
+    cdef public dict conns
+    cdef public object per_dest, poller, wait_timer, scratch, waiting
+    cdef public long long connecting
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self.conns = {}
+        self.waiting = deque()              # (deadline, flow) in TIME_WAIT, oldest first
+        self.connecting = 0
+
+    def syn(self, Packet pkt, key) -> None:
+        """A guest SYN for no flow: connect on the host, then SYN-ACK (or RST/ICMP).
+        The connect is non-blocking; to a loopback or otherwise fast peer it has
+        completed when the call returns, so the SYN-ACK leaves at once."""
+        cdef StackCore stack = self.stack
+        cdef TcpConn conn
+        cfg = stack.cfg
+        target = stack.host_target(pkt.dst, pkt.dport, "tcp")
+        if target is None:
+            stack.counters["tcp refused: no such destination"] += 1
+            self.reset_for(pkt)
+            return
+        dest = (pkt.dst, pkt.dport)
+        if len(self.conns) >= cfg.max_tcp_flows:
+            stack.counters["tcp syn dropped: flow limit"] += 1
+            return
+        if self.connecting >= cfg.max_connecting or \
+                self.per_dest.get(dest, 0) >= cfg.max_connecting_per_dest:
+            stack.counters["tcp syn dropped: connects in flight"] += 1
+            return                              # the guest retransmits its SYN later
+        conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        conn.accept_syn(pkt)
+        self.conns[key] = conn
+        fd, err = connect_tcp(target[0], target[1])
+        if err == 0:
+            self.connected(conn, fd)
+            return
+        conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
+        if err == errno.EINPROGRESS:
+            self.connect_pending(conn, fd, dest)
+        else:
+            self.connect_failed(conn, err)
+
+    cpdef connected(self, TcpConn conn, int fd):
+        """`conn`'s host connect succeeded: SYN-ACK to the guest (first: it is what the
+        guest waits for), then the host socket joins the poller."""
+        self.stack.counters["tcp connections"] += 1
+        if conn.host is None:
+            conn.send_synack()
+            conn.host = HostSocket(self.poller, fd, conn, conn.rcv_cap)
+            conn.host.register(True)
+        else:
+            conn.host.start_reading()
+            conn.send_synack()
+
+    cpdef remove(self, TcpConn conn):
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        if conn.connect_dest is not None:
+            self.connect_ended(conn)
+        if conn.on_close is not None:
+            conn.on_close(conn)
+
+    cpdef time_wait(self, TcpConn conn):
+        """`conn` entered TIME_WAIT: it ends time_wait seconds from now (one FIFO and
+        one timer for all flows: every flow waits the same time)."""
+        loop = self.stack.loop
+        self.waiting.append((loop.time() + self.stack.cfg.time_wait, conn))
+        if self.wait_timer is None:
+            self.wait_timer = loop.call_at(self.waiting[0][0], self._expire)
+
+    def _expire(self) -> None:
+        cdef TcpConn conn
+        self.wait_timer = None
+        waiting, loop = self.waiting, self.stack.loop
+        now = loop.time()
+        while waiting and waiting[0][0] <= now:
+            conn = <TcpConn>waiting.popleft()[1]
+            if conn.state == S_TIME_WAIT:
+                conn.finish()
+        if waiting:                             # (in steps of WAIT_STEP: one wakeup
+            self.wait_timer = loop.call_at(     # ends many flows)
+                max(waiting[0][0], now + WAIT_STEP), self._expire)

@@ -23,7 +23,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from hvcore.netio import read_frames, write_frames
+from hvcore.netio import FrameFd
 
 Deliver = Callable[[list[bytes]], None]
 MAX_FRAME = 65536 + 16
@@ -56,28 +56,27 @@ class FramePort:
 
 
 class FdPort(FramePort):
-    """A non-blocking fd that reads and writes one frame per call (a TAP device)."""
+    """A non-blocking fd that reads and writes one frame per call (a TAP device). Reading,
+    writing and counting are `hvcore.netio.FrameFd`'s (C calls: its `send` is this
+    port's `send`)."""
 
     def __init__(self, fd: int, offload: bool = False):
         super().__init__()
         self.fd = fd
         self.offload = offload
         os.set_blocking(fd, False)
+        self.io = FrameFd(fd, BATCH, MAX_FRAME)
+        self.send = self.io.send
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, deliver) -> None:
-        self.loop, self.deliver = asyncio.get_running_loop(), deliver
-        self.loop.add_reader(self.fd, self._readable)
+        self.loop, self.io.deliver = asyncio.get_running_loop(), deliver
+        self.loop.add_reader(self.fd, self.io.readable)
 
-    def _readable(self) -> None:
-        frames = read_frames(self.fd, BATCH, MAX_FRAME)
-        if frames:
-            self.frames_in += len(frames)
-            self.deliver(frames)
-
-    def send(self, frames) -> None:
-        self.dropped += write_frames(self.fd, frames)
-        self.frames_out += len(frames)
+    def stats(self) -> dict:
+        io = self.io
+        return {"frames_in": io.frames_in, "frames_out": io.frames_out,
+                "dropped": io.dropped}
 
     def close(self) -> None:
         if self.loop is not None:
