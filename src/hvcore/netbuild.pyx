@@ -4,6 +4,7 @@ with their checksums, and TCP data cut into segments (or, with a virtio_net_hdr,
 super-frames of up to 64 KiB whose checksum the receiver completes). Payloads are copied
 with the GIL released, or not at all (scatter: headers and a view of the payload)."""
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_FromStringAndSize, PyByteArray_AS_STRING
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -14,11 +15,8 @@ from hvcore.netwire cimport (ETH, VNET, fold, pseudo, put16, put32, putmac, sum1
 
 cdef class Builder:
     """Builds frames from the gateway's MAC to the guest's: headers, checksums, segmentation.
-    `vnet` prepends a virtio_net_hdr (and then TCP checksums are left to the receiver)."""
-    cdef public uint64_t gateway_mac, guest_mac
-    cdef public int mtu
-    cdef readonly bint vnet
-    cdef uint16_t ip_id
+    `vnet` prepends a virtio_net_hdr (and then TCP checksums are left to the receiver).
+    Its fields and C methods are declared in netbuild.pxd, so flows call it in C."""
 
     def __init__(self, uint64_t gateway_mac, int mtu=1500, bint vnet=False):
         self.gateway_mac = gateway_mac
@@ -217,9 +215,9 @@ cdef class Builder:
                                  + pseudo(src, dst, 6, tl))) & 0xffff)
         return out
 
-    def tcp(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq, uint32_t ack,
-            int flags, int window, payload=None, int mss=0, int wscale=-1,
-            bint sack_perm=False) -> bytearray:
+    cpdef bytearray tcp(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
+                        uint32_t ack, int flags, int window, payload=None, int mss=0,
+                        int wscale=-1, bint sack_perm=False):
         """One TCP segment; `mss`/`wscale`/`sack_perm` add those options (SYN segments)."""
         cdef const uint8_t[::1] b
         cdef const uint8_t *d = NULL
@@ -235,32 +233,40 @@ cdef class Builder:
         return self._tcp(src, sport, dst, dport, seq, ack, flags, window, d, n, optlen, mss,
                          wscale, sack_perm, 0)
 
-    def tcp_data(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
-                 uint32_t ack, int window, data, Py_ssize_t offset, Py_ssize_t length,
-                 int mss, int last_flags=0x18, bint scatter=False) -> list:
+    cpdef list tcp_data(self, uint32_t src, int sport, uint32_t dst, int dport, uint32_t seq,
+                        uint32_t ack, int window, data, Py_ssize_t offset, Py_ssize_t length,
+                        int mss, int last_flags=0x18, bint scatter=False):
         """Segment data[offset:offset+length] into ACK frames of at most `mss` payload
         bytes each, or with vnet into GSO frames of up to 64 KiB (gso_size = mss); the
         last one gets `last_flags` (ACK|PSH, or with FIN when the stream ends there).
         With `scatter` each frame is a (headers, payload memoryview) pair: no copy of
         the payload here, the port writes both buffers at once."""
-        cdef const uint8_t[::1] b = memoryview(data).cast("B")
-        cdef object view = memoryview(data) if scatter else None
+        cdef Py_buffer buf
+        cdef const uint8_t *b
+        cdef object view = None
         cdef bytearray hdr
         cdef list frames = []
         cdef Py_ssize_t step, n, pos = offset, end = offset + length
-        if offset < 0 or length < 0 or end > b.shape[0] or mss <= 0:
-            raise ValueError(f"bad segment range {offset}+{length} of {b.shape[0]}, mss {mss}")
-        step = mss
-        if self.vnet:
-            step = ((65535 - 40) // mss) * mss
-            if step == 0:
-                step = mss
-        while pos < end:
-            n = min(step, end - pos)
-            hdr = self._tcp(src, sport, dst, dport, seq, ack,
-                            last_flags if pos + n == end else 0x10, window, &b[pos], n, 0,
-                            0, -1, False, mss, not scatter)
-            frames.append((hdr, view[pos:pos + n]) if scatter else hdr)
-            seq = seq + <uint32_t>n
-            pos += n
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or length < 0 or end > buf.len or mss <= 0:
+                raise ValueError(f"bad segment range {offset}+{length} of {buf.len}, mss {mss}")
+            b = <const uint8_t *>buf.buf
+            if scatter:
+                view = memoryview(data)
+            step = mss
+            if self.vnet:
+                step = ((65535 - 40) // mss) * mss
+                if step == 0:
+                    step = mss
+            while pos < end:
+                n = min(step, end - pos)
+                hdr = self._tcp(src, sport, dst, dport, seq, ack,
+                                last_flags if pos + n == end else 0x10, window, b + pos, n, 0,
+                                0, -1, False, mss, not scatter)
+                frames.append((hdr, view[pos:pos + n]) if scatter else hdr)
+                seq = seq + <uint32_t>n
+                pos += n
+        finally:
+            PyBuffer_Release(&buf)
         return frames

@@ -10,7 +10,6 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
                                  PyByteArray_Resize)
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport errno, EAGAIN, EINTR
-from libc.stdint cimport uint8_t
 from posix.unistd cimport read, write
 from posix.uio cimport iovec, writev
 
@@ -23,13 +22,7 @@ DEF SMALL = 2048                                # frames up to this size are cop
 cdef class FrameFd:
     """The per-frame part of a port on such an fd (`pyhv.net.ports.FdPort`): reading a
     batch and handing it to `deliver`, writing frames, and the port's counters, as C
-    calls with no Python frame in between."""
-
-    cdef public int fd, max_frames
-    cdef public Py_ssize_t max_size
-    cdef public long long frames_in, frames_out, dropped
-    cdef public object deliver
-    cdef bytearray spare
+    calls with no Python frame in between (fields declared in netio.pxd)."""
 
     def __init__(self, int fd, int max_frames, Py_ssize_t max_size):
         self.fd, self.max_frames, self.max_size = fd, max_frames, max_size
@@ -78,7 +71,7 @@ cdef class FrameFd:
         return frames
 
     cpdef send(self, frames):
-        self.dropped += write_frames(self.fd, frames)
+        self.dropped += _write_frames(self.fd, frames)
         self.frames_out += len(frames)
 
 
@@ -86,9 +79,12 @@ def write_frames(int fd, frames) -> int:
     """Write each frame (a buffer, or a tuple of buffers making one frame) with one
     write/writev; returns how many could not be written (full queue, error): they are
     dropped, as a full NIC queue would."""
+    return _write_frames(fd, frames)
+
+
+cdef int _write_frames(int fd, frames) except -1:
     cdef iovec iov[MAX_PARTS]
     cdef Py_buffer bufs[MAX_PARTS]
-    cdef const uint8_t[::1] one
     cdef Py_ssize_t n
     cdef int dropped = 0, k, i, got
     for f in frames:
@@ -110,11 +106,14 @@ def write_frames(int fd, frames) -> int:
                 for i in range(got):
                     PyBuffer_Release(&bufs[i])
         else:
-            one = f
-            if one.shape[0] == 0:
-                continue
-            with nogil:
-                n = write(fd, &one[0], one.shape[0])
+            PyObject_GetBuffer(f, &bufs[0], PyBUF_SIMPLE)
+            try:
+                if bufs[0].len == 0:
+                    continue
+                with nogil:
+                    n = write(fd, bufs[0].buf, bufs[0].len)
+            finally:
+                PyBuffer_Release(&bufs[0])
         if n < 0:
             dropped += 1
     return dropped

@@ -27,6 +27,8 @@ from collections import deque
 
 from libc.stdint cimport uint64_t
 
+from hvcore.netbuild cimport Builder
+from hvcore.netio cimport FrameFd
 from hvcore.netpkt cimport Packet
 from hvcore.netpkt import parse
 from hvcore.nethost import HostSocket, connect_tcp
@@ -63,6 +65,7 @@ DEF C_MAX_RETRIES = 8
 DEF C_READ_CHUNK = 256 << 10
 DEF C_MIN_ROOM = 16 << 10
 DEF C_DELACK_BYTES = 1024
+DEF C_SCATTER_MIN = 2048         # smaller payloads are copied into the frame (no view)
 DEF C_MIN_RTO = 0.2
 DEF C_INIT_RTO = 1.0
 DEF C_MAX_RTO = 30.0
@@ -88,7 +91,8 @@ cdef inline long long _max(long long a, long long b) noexcept:
 
 
 cdef class TcpConn:
-    cdef public object builder, loop, counters, key
+    cdef public object loop, counters, key
+    cdef public Builder builder
     cdef public NatCore nat
     cdef public StackCore stack
     cdef public long long rcv_cap, snd_cap
@@ -243,7 +247,7 @@ cdef class TcpConn:
                 self.peer, self.pport, self.guest, self.gport, self.snd_nxt & C_M32,
                 self.rcv_nxt & C_M32, wnd, self.sbuf,
                 self.s_head + self.snd_nxt - self.snd_una, end - self.snd_nxt, self.mss,
-                F_ACK | F_PSH | (F_FIN if fin else 0), True)
+                F_ACK | F_PSH | (F_FIN if fin else 0), end - self.snd_nxt >= C_SCATTER_MIN)
             self.stack.send(frames)
             self.bytes_to_guest += end - self.snd_nxt
             if self.rtt_seq is None:
@@ -322,7 +326,7 @@ cdef class TcpConn:
         self.stack.send(self.builder.tcp_data(
             self.peer, self.pport, self.guest, self.gport, seq & C_M32, self.rcv_nxt & C_M32,
             self._wnd_field(), self.sbuf, self.s_head + seq - self.snd_una, n, self.mss,
-            scatter=True))
+            F_ACK | F_PSH, True))
 
     cdef _retransmit(self):
         cdef long long inflight = _min(self.snd_nxt - self.snd_una, self.s_tail - self.s_head)
@@ -737,7 +741,9 @@ cdef class StackCore:
     work deferred with them. `pyhv.net.stack.Stack` is this plus everything that is not
     per segment (ARP, IP, ICMP, services, hold-until-MAC, stats); it sets the fields."""
 
-    cdef public object cfg, port, pcap, builder, counters, loop, delack_timer
+    cdef public object cfg, port, pcap, counters, loop, delack_timer
+    cdef public Builder builder
+    cdef public FrameFd io                  # the port's, when it has one (a TAP)
     cdef public object on_syn, on_other
     cdef public dict conns
     cdef public bint vnet, host_written
@@ -778,7 +784,10 @@ cdef class StackCore:
             return
         if self.pcap is not None:
             self.pcap.write(frames, self.vnet)
-        self.port.send(frames)
+        if self.io is not None:
+            self.io.send(frames)
+        else:
+            self.port.send(frames)
 
     def hold(self, list frames) -> None:
         raise NotImplementedError

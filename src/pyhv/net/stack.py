@@ -34,6 +34,7 @@ class Stack(StackCore):
         self.cfg, self.port, self.pcap = cfg, port, pcap
         self.vnet = port.offload
         self.builder = Builder(GATEWAY_MAC, cfg.mtu, port.offload)
+        self.io = getattr(port, "io", None)     # a TAP port's frame I/O: sent to in C
         self.counters: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guest_addrs: set[int] = {cfg.guest}
