@@ -55,25 +55,38 @@ cdef inline object _oserror(int err):
     return OSError(err, os.strerror(err))
 
 
-def connect_tcp(str host, int port) -> tuple:
+def tcp_socket() -> int:
+    """A new non-blocking TCP socket with TCP_NODELAY set (guest segments go out as they
+    come), or -errno."""
+    cdef int one = 1
+    cdef int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -errno
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    return fd
+
+
+def connect_tcp(str host, int port, int fd=-1) -> tuple:
     """A non-blocking TCP connect to the dotted IPv4 `host`, on a raw descriptor (no
-    Python socket object: a short connection makes one per flow). Returns (fd, err):
-    err 0 when connected already (a loopback or otherwise fast peer has, by the time
-    connect() returns: getpeername() tells), EINPROGRESS while it runs (watch fd for
-    writability, then `so_error`), or the failure (fd is -1 then, nothing left open).
-    TCP_NODELAY is set first: guest segments go out as they come."""
+    Python socket object: a short connection makes one per flow): `fd` if given (from
+    `tcp_socket`, made ahead of time), else a new one. Returns (fd, err): err 0 when
+    connected already (a loopback or otherwise fast peer has, by the time connect()
+    returns: getpeername() tells), EINPROGRESS while it runs (watch fd for writability,
+    then `so_error`), or the failure (fd is -1 then, nothing left open)."""
     cdef sockaddr_in sa
     cdef socklen_t n = sizeof(sa)
-    cdef int one = 1, fd, err = 0
+    cdef int err = 0
     sa.sin_family = AF_INET
     sa.sin_port = htons(port)
     if port < 0 or port > 0xFFFF or inet_pton(AF_INET, PyUnicode_AsUTF8(host),
                                                &sa.sin_addr) != 1:
+        if fd >= 0:
+            close(fd)
         return -1, EINVAL
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
-        return -1, errno
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        fd = tcp_socket()
+        if fd < 0:
+            return -1, -fd
     if connect(fd, <sockaddr *>&sa, sizeof(sa)) < 0:
         err = errno
         if err == EINPROGRESS:

@@ -20,18 +20,24 @@ RST and SYN from the guest follow RFC 5961: a RST resets the flow only when its 
 number is exactly rcv_nxt; one elsewhere in the window, or a SYN, gets a challenge ACK.
 """
 
-import errno
 import logging
 import random
 from collections import deque
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from libc.errno cimport EINPROGRESS, errno
 from libc.stdint cimport uint64_t
+from libc.string cimport memcpy, memmove, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
+from posix.unistd cimport close, read
 
+from hvcore.includes.timerfd cimport (TFD_CLOEXEC, TFD_NONBLOCK, TFD_TIMER_ABSTIME,
+                                      timerfd_create, timerfd_settime)
 from hvcore.netbuild cimport Builder
 from hvcore.netio cimport FrameFd
 from hvcore.netpkt cimport Packet
 from hvcore.netpkt import parse
-from hvcore.nethost import HostSocket, connect_tcp
+from hvcore.nethost import HostSocket, connect_tcp, tcp_socket
 from hvcore.netreasm import Reassembly
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,9 @@ DEF C_MAX_RETRIES = 8
 DEF C_READ_CHUNK = 256 << 10
 DEF C_MIN_ROOM = 16 << 10
 DEF C_DELACK_BYTES = 1024
+DEF C_DELACK_NS = 1000000       # DELACK
+DEF C_DEFER_NS = 10000000       # deferred work runs at the latest this much later
+DEF C_SPARE_SOCKETS = 8           # sockets made ahead for SYNs to come
 DEF C_SCATTER_MIN = 2048         # smaller payloads are copied into the frame (no view)
 DEF C_MIN_RTO = 0.2
 DEF C_INIT_RTO = 1.0
@@ -184,12 +193,15 @@ cdef class TcpConn:
     cpdef flush_ack(self):
         """Called once per batch of guest frames: one ACK for all of them, if owed. Less
         than DELACK_BYTES of new data (a request) is ACKed DELACK later, so the host's
-        answer, if it comes by then, carries the ACK (one frame less per exchange)."""
+        answer, if it comes by then, carries the ACK (one frame less per exchange) --
+        once the flow has answered before (request/response: Linux's "pingpong" mode).
+        A flow's first request is ACKed at once, as Linux's quick-ACK mode does at the
+        start of a connection: a short connection then needs no timer at all."""
         if self.state == S_CLOSED or self.state <= S_SYN_RCVD:
             return
         cdef long long owed = self.rcv_nxt - self.last_ack
         if owed and owed < C_DELACK_BYTES and owed < self.mss and \
-                self.state == S_ESTABLISHED:
+                self.state == S_ESTABLISHED and self.bytes_to_guest:
             self.stack.delay_ack(self)
         elif owed or self._wnd_field() > self.last_wnd:
             self._segment(F_ACK)
@@ -578,16 +590,20 @@ cdef class TcpConn:
         cdef long long n = self.s_tail - self.s_head
         cdef long long need = n + nbytes, size
         cdef long long cur = len(self.sbuf)
+        cdef bytearray new
         size = need if need < C_MIN_ROOM else _max(need, _min(
             2 * self.snd_cap + C_READ_CHUNK, _max(need + C_READ_CHUNK, 2 * cur)))
-        if size <= cur:
-            self.sbuf[:n] = self.sbuf[self.s_head:self.s_tail]       # same length: memmove
+        if size <= cur:                                  # same buffer: move to the front
+            memmove(PyByteArray_AS_STRING(self.sbuf), PyByteArray_AS_STRING(self.sbuf)
+                    + self.s_head, n)
         else:
-            new = bytearray(size)
+            new = PyByteArray_FromStringAndSize(NULL, size)
             if n:
-                new[:n] = self.sbuf[self.s_head:self.s_tail]
+                memcpy(PyByteArray_AS_STRING(new), PyByteArray_AS_STRING(self.sbuf)
+                       + self.s_head, n)
             self.sbuf = new
-        self.sbuf[n:need] = self.nat.scratch[:nbytes]
+        memcpy(PyByteArray_AS_STRING(self.sbuf) + n, PyByteArray_AS_STRING(self.nat.scratch_buf),
+               nbytes)
         self.s_head, self.s_tail = 0, need
 
     def release_buffer(self) -> None:
@@ -741,7 +757,12 @@ cdef class StackCore:
     work deferred with them. `pyhv.net.stack.Stack` is this plus everything that is not
     per segment (ARP, IP, ICMP, services, hold-until-MAC, stats); it sets the fields."""
 
-    cdef public object cfg, port, pcap, counters, loop, delack_timer
+    cdef public object cfg, port, pcap, counters, loop
+    cdef public object dns_addr, dns_tcp_addr   # the built-in DNS server's (UDP, TCP)
+    cdef long long gw, alias, net, netmask
+    cdef int tfd                            # the timer (a timerfd), -1 until used
+    cdef bint armed
+    cdef long long armed_at                 # CLOCK_MONOTONIC ns it fires at
     cdef public Builder builder
     cdef public FrameFd io                  # the port's, when it has one (a TAP)
     cdef public object on_syn, on_other
@@ -753,6 +774,66 @@ cdef class StackCore:
 
     def __cinit__(self, *args, **kwargs):
         self.ack_pending, self.delayed, self.deferred = set(), set(), []
+        self.tfd = -1
+        self.alias = -1
+
+    def set_addresses(self, long long gw, alias, long long net, long long netmask) -> None:
+        """The addresses `host_target` maps (alias None: no host-loopback alias)."""
+        self.gw, self.net, self.netmask = gw, net, netmask
+        self.alias = -1 if alias is None else alias
+
+    cpdef host_target(self, long long dst, int port, str proto):
+        """The host address (ip, port) a guest flow to (dst, port) becomes, or None to
+        refuse it: the gateway's DNS port to the built-in DNS server, the host-loopback
+        alias to 127.0.0.1, the subnet, multicast, 0/8 and 127/8 nowhere, anything else
+        to itself."""
+        if dst == self.gw:
+            if port == 53 and self.dns_addr is not None:
+                return self.dns_addr if proto == "udp" else self.dns_tcp_addr
+            return None
+        if dst == self.alias:
+            return ("127.0.0.1", port)
+        if dst & self.netmask == self.net or dst >> 28 >= 14 or dst >> 24 == 0 or \
+                dst >> 24 == 127:
+            return None
+        return (f"{dst >> 24}.{(dst >> 16) & 255}.{(dst >> 8) & 255}.{dst & 255}", port)
+
+    cdef _arm_later(self, long long delay_ns):
+        """The timer fires within `delay_ns` from now (sooner if armed so already). A
+        timerfd the loop watches: arming it is one syscall and no loop timer object; it
+        is never disarmed early (a firing with nothing to do costs less than the
+        syscall, which reprograms the CPU's timer when it is the next to expire)."""
+        cdef itimerspec its
+        cdef timespec now
+        cdef long long at
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        at = now.tv_sec * 1000000000LL + now.tv_nsec + delay_ns
+        if self.armed and self.armed_at <= at:
+            return
+        if self.tfd < 0:
+            self.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+            if self.tfd < 0:
+                raise OSError(errno, "timerfd_create")
+            self.loop.add_reader(self.tfd, self._alarm)
+        memset(&its, 0, sizeof(its))
+        its.it_value.tv_sec = at // 1000000000LL
+        its.it_value.tv_nsec = at % 1000000000LL
+        timerfd_settime(self.tfd, TFD_TIMER_ABSTIME, &its, NULL)
+        self.armed, self.armed_at = True, at
+
+    def _alarm(self) -> None:
+        cdef uint64_t expirations
+        if read(self.tfd, &expirations, 8) != 8:
+            return                          # (re-armed after it expired: not yet)
+        self.armed = False
+        self._later()
+
+    def close_timer(self) -> None:
+        if self.tfd >= 0:
+            self.loop.remove_reader(self.tfd)
+            close(self.tfd)
+            self.tfd = -1
+            self.armed = False
 
     def receive(self, frames) -> None:
         """A batch of frames from the port; ACKs owed are sent once at the end. A segment
@@ -795,27 +876,21 @@ cdef class StackCore:
     cpdef delay_ack(self, conn):
         """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""
         self.delayed.add(conn)
-        if self.delack_timer is None:
-            self.delack_timer = self.loop.call_later(DELACK, self._later)
+        self._arm_later(C_DELACK_NS)
 
     cpdef defer(self, callback):
-        """Run `callback` with the delayed ACKs, or sooner once a batch of guest frames
-        gave a host socket work (we wait for its answer then): work nobody waits for
-        (a finished flow's last ACK, closing its host socket) leaves the path of the
-        next connection's handshake."""
+        """Run `callback` with the delayed ACKs (DELACK, or 10 ms when none are owed), or
+        sooner once a batch of guest frames gave a host socket work (we wait for its
+        answer then): work nobody waits for (a finished flow's last ACK, closing its
+        host socket) leaves the path of the next connection's handshake."""
         self.deferred.append(callback)
-        if self.delack_timer is None:
-            self.delack_timer = self.loop.call_later(DELACK, self._later)
+        self._arm_later(C_DEFER_NS)
 
     cpdef ack_sent(self, conn):
-        """`conn` sent its ACK with something else: no timer for nothing."""
+        """`conn` sent its ACK with something else."""
         self.delayed.discard(conn)
-        if not self.delayed and not self.deferred and self.delack_timer is not None:
-            self.delack_timer.cancel()
-            self.delack_timer = None
 
     def _later(self) -> None:
-        self.delack_timer = None
         delayed, self.delayed = self.delayed, set()
         for conn in delayed:
             try:
@@ -851,13 +926,19 @@ cdef class NatCore:
     cdef public StackCore stack
     cdef public dict conns
     cdef public object per_dest, poller, wait_timer, scratch, waiting
+    cdef bytearray scratch_buf              # first reads of new flows (`scratch` views it)
     cdef public long long connecting
+    cdef list spare                         # sockets made ahead of the SYNs that take them
+    cdef bint refilling
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self.conns = {}
         self.waiting = deque()              # (deadline, flow) in TIME_WAIT, oldest first
         self.connecting = 0
+        self.scratch_buf = PyByteArray_FromStringAndSize(NULL, C_READ_CHUNK)
+        self.spare = []
+        self.scratch = memoryview(self.scratch_buf)
 
     def syn(self, Packet pkt, key) -> None:
         """A guest SYN for no flow: connect on the host, then SYN-ACK (or RST/ICMP).
@@ -882,20 +963,38 @@ cdef class NatCore:
         conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn.accept_syn(pkt)
         self.conns[key] = conn
-        fd, err = connect_tcp(target[0], target[1])
+        fd, err = connect_tcp(target[0], target[1], self.spare.pop() if self.spare else -1)
         if err == 0:
             self.connected(conn, fd)
+            if len(self.spare) < C_SPARE_SOCKETS // 2 and not self.refilling:
+                self.refilling = True
+                stack.defer(self.refill)
             return
         conn.syn_head = bytes(pkt.ip_datagram[:pkt.l4_offset - pkt.ip_offset + 8])
-        if err == errno.EINPROGRESS:
+        if err == EINPROGRESS:
             self.connect_pending(conn, fd, dest)
         else:
             self.connect_failed(conn, err)
 
+    def refill(self) -> None:
+        """Make sockets for the next SYNs ahead of time (with the deferred work, off the
+        path of a handshake): socket() is a good part of a loopback connect's cost. Stops
+        quietly when descriptors run out (the SYN's own socket() then reports it)."""
+        cdef int fd
+        self.refilling = False
+        while len(self.spare) < C_SPARE_SOCKETS:
+            fd = tcp_socket()
+            if fd < 0:
+                break
+            self.spare.append(fd)
+
+    def close_spare(self) -> None:
+        while self.spare:
+            close(self.spare.pop())
+
     cpdef connected(self, TcpConn conn, int fd):
         """`conn`'s host connect succeeded: SYN-ACK to the guest (first: it is what the
         guest waits for), then the host socket joins the poller."""
-        self.stack.counters["tcp connections"] += 1
         if conn.host is None:
             conn.send_synack()
             conn.host = HostSocket(self.poller, fd, conn, conn.rcv_cap)
@@ -903,6 +1002,7 @@ cdef class NatCore:
         else:
             conn.host.start_reading()
             conn.send_synack()
+        self.stack.counters["tcp connections"] += 1
 
     cpdef remove(self, TcpConn conn):
         if self.conns.get(conn.key) is conn:

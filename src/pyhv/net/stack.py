@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 
 from hvcore import netpkt
 from hvcore.netbuild import Builder
@@ -18,6 +17,14 @@ from pyhv.net.ports import FramePort
 
 log = logging.getLogger(__name__)
 HELD_MAX = 64
+
+
+class Counts(dict):
+    """Counters by name; a missing one reads 0. (collections.Counter does that too, but
+    its __delitem__ turns every store into a Python-level call.)"""
+
+    def __missing__(self, key: str) -> int:
+        return 0
 
 
 class Stack(StackCore):
@@ -35,7 +42,7 @@ class Stack(StackCore):
         self.vnet = port.offload
         self.builder = Builder(GATEWAY_MAC, cfg.mtu, port.offload)
         self.io = getattr(port, "io", None)     # a TAP port's frame I/O: sent to in C
-        self.counters: Counter[str] = Counter()
+        self.counters: Counts = Counts()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guest_addrs: set[int] = {cfg.guest}
         self.frags = Fragments(cfg.max_fragments, cfg.fragment_timeout)
@@ -45,7 +52,7 @@ class Stack(StackCore):
         self.tcp = TcpNat(self)
         self.conns, self.on_syn, self.on_other = self.tcp.conns, self.tcp.syn, self.packet
         self.host_written = False           # this batch wrote to a host socket
-        self.delack_timer = None
+        self.set_addresses(cfg.gw, cfg.alias, cfg.net, cfg.netmask)   # for host_target
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
         self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
@@ -58,8 +65,7 @@ class Stack(StackCore):
         self.udp.start()
 
     def close(self) -> None:
-        if self.delack_timer is not None:
-            self.delack_timer.cancel()
+        self.close_timer()
         for callback in self.deferred:
             callback()
         self.tcp.close()
@@ -167,26 +173,10 @@ class Stack(StackCore):
         self.counters["icmp unreachable sent"] += 1
         self.send([self.builder.icmp(src, dst, 3, code, 0, pkt_head)])
 
-    # ---- mapping guest destinations to host ones
-
-    def host_target(self, dst: int, port: int, proto: str) -> tuple[str, int] | None:
-        """The host address a guest flow to (dst, port) becomes, or None to refuse it."""
-        cfg = self.cfg
-        if dst == cfg.gw:
-            if port == 53 and self.dns_addr is not None:
-                return self.dns_addr if proto == "udp" else self.dns_tcp_addr
-            return None
-        if dst == cfg.alias:
-            return ("127.0.0.1", port)
-        if cfg.in_subnet(dst) or dst >> 28 >= 14 or dst >> 24 in (0, 127):
-            return None
-        return (netpkt_ipstr(dst), port)
+    # ---- mapping guest destinations to host ones: host_target (StackCore)
 
     def stats(self) -> dict:
         return {"counters": dict(self.counters), "port": self.port.stats(),
                 "tcp": self.tcp.stats(), "udp": self.udp.stats(),
                 "fragments dropped": self.frags.dropped}
 
-
-def netpkt_ipstr(value: int) -> str:
-    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"

@@ -39,7 +39,6 @@ class TcpNat(NatCore):
         self.poller: Poller | None = None
         self.next_port = EPHEMERAL[0]
         self.closing = False
-        self.scratch = memoryview(bytearray(tcp.READ_CHUNK))   # first reads of new flows
         self.wait_timer = None
 
     def start(self) -> None:
@@ -179,5 +178,6 @@ class TcpNat(NatCore):
             self.wait_timer.cancel()
         for conn in list(self.conns.values()):
             conn.abort()
+        self.close_spare()
         if self.poller is not None:
             self.poller.close()
