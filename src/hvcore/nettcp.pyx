@@ -928,7 +928,7 @@ cdef class NatCore:
     cdef public object per_dest, poller, wait_timer, scratch, waiting
     cdef bytearray scratch_buf              # first reads of new flows (`scratch` views it)
     cdef public long long connecting
-    cdef list spare                         # sockets made ahead of the SYNs that take them
+    cdef readonly list spare                # sockets made ahead of the SYNs that take them
     cdef bint refilling
     cdef object __weakref__
 

@@ -409,6 +409,47 @@ def test_small_data_gets_a_delayed_ack_when_the_host_stays_quiet():
     run(body)
 
 
+def test_first_request_is_acked_at_once_later_ones_ride_on_the_answer():
+    """Quick ACK at the start of a flow (as Linux): the first request's ACK leaves while
+    the batch is handled, no timer. Once the flow has answered (request/response), a
+    small request's ACK waits for the answer, which carries it: no bare ACK frame."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.port.out.clear()
+        guest.send(n.ACK | n.PSH, b"GET1")
+        bare = [p for p in guest.port.out if p.ack == 1005 and not p.payload_len]
+        assert len(bare) == 1                                  # sent before receive returned
+        guest.seq = 1005
+        await settle(lambda: bytes(received) == b"GET1" and writers)
+        writers[0].write(b"answer1")
+        one = await guest.expect(lambda p: p.payload_len == 7)
+        guest.ack = one.seq + 7
+        guest.port.out.clear()
+        guest.send(n.ACK | n.PSH, b"GET2")
+        assert not guest.port.out and _conn(stack) in stack.delayed   # the ACK waits
+        writers[0].write(b"answer2")            # (at once: well within DELACK)
+        await settle(lambda: any(p.payload_len for p in guest.port.out))
+        assert [(p.ack, p.payload_len) for p in guest.port.out] == [(1009, 7)]
+        await settle(lambda: bytes(received) == b"GET1GET2")
+
+    run(body)
+
+
+def test_sockets_made_ahead_for_syns_are_closed_with_the_stack():
+    """A connect takes a socket made ahead of time (with the deferred work); closing the
+    stack closes those too: no descriptor outlives it."""
+    import os
+
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        guest.send(n.ACK | n.PSH, b"GET")                # host work: deferred work runs
+        await settle(lambda: len(stack.tcp.spare) == 8)
+
+    before = set(os.listdir("/proc/self/fd"))
+    run(body)
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 def test_syn_reusing_a_time_wait_pair_opens_a_new_flow():
     """We closed first (TIME_WAIT here, not in the guest), so the guest may reuse the
     port pair at once: a SYN with a newer sequence number ends TIME_WAIT early."""
