@@ -25,6 +25,8 @@ import select
 import struct
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
+from libc.string cimport memcpy
 from cpython.unicode cimport PyUnicode_AsUTF8
 from libc.errno cimport EAGAIN, EEXIST, EINPROGRESS, EINTR, EINVAL, errno
 from posix.unistd cimport close
@@ -113,12 +115,8 @@ cdef class Poller:
     Edge-triggered: an event not handled is not reported again, so a bug in one flow's
     handler costs that flow (reset), never the other events of the batch. Each socket's
     events carry its fd and a generation number, so an event queued for a socket closed
-    meanwhile never reaches a new socket that got the same fd number."""
-
-    cdef public object loop, counters
-    cdef public dict socks
-    cdef public int epfd
-    cdef unsigned int gen
+    meanwhile never reaches a new socket that got the same fd number. (Fields and C
+    methods of both classes are declared in nethost.pxd: flows call them in C.)"""
 
     def __init__(self, loop, counters=None):
         self.loop = loop
@@ -140,16 +138,16 @@ cdef class Poller:
             raise _oserror(errno)
         return 0
 
-    def add(self, HostSocket hs, unsigned int events) -> None:
+    cpdef add(self, HostSocket hs, unsigned int events):
         self.gen += 1
         hs.gen = self.gen
         self.socks[hs.fd] = hs
         self._ctl(hs, EPOLL_CTL_ADD, events)
 
-    def modify(self, HostSocket hs, unsigned int events) -> None:
+    cpdef modify(self, HostSocket hs, unsigned int events):
         self._ctl(hs, EPOLL_CTL_MOD, events)
 
-    def forget(self, HostSocket hs) -> None:
+    cpdef forget(self, HostSocket hs):
         """`hs` closes its socket now (which takes it out of the epoll set)."""
         if self.socks.get(hs.fd) is hs:
             del self.socks[hs.fd]
@@ -194,15 +192,6 @@ cdef class HostSocket:
     """A flow's host socket, as a raw descriptor (`sock` may be given as a Python socket
     object, which is detached: the HostSocket owns and closes the fd)."""
 
-    cdef public Poller poller
-    cdef public object loop, conn, on_connect
-    cdef public int fd
-    cdef public unsigned int gen
-    cdef public bytearray wbuf
-    cdef public bint reading, readable, writing, out_armed, eof_pending, closing, blocked
-    cdef public bint read_scheduled, ended, hangup
-    cdef public Py_ssize_t high, low
-
     def __init__(self, Poller poller, sock, conn, Py_ssize_t limit):
         self.poller, self.loop = poller, poller.loop
         self.fd = sock if type(sock) is int else sock.detach()
@@ -215,7 +204,7 @@ cdef class HostSocket:
         self.high, self.low = limit // 2, limit // 8    # window updates once drained to low
         self.on_connect = None
 
-    def register(self, bint reading) -> None:
+    cpdef register(self, bint reading):
         """Join the poller; read from now on when `reading`."""
         self.reading = reading
         self.poller.add(self, C_READ)
@@ -261,7 +250,7 @@ cdef class HostSocket:
 
     # ---- reading
 
-    def start_reading(self) -> None:
+    cpdef start_reading(self):
         """Read again (soon, from a callback of its own, if data is waiting)."""
         if self.reading or self.fd < 0 or self.closing:
             return
@@ -270,7 +259,7 @@ cdef class HostSocket:
             self.read_scheduled = True
             self.loop.call_soon(self._read_soon)
 
-    def stop_reading(self) -> None:
+    cpdef stop_reading(self):
         self.reading = False
 
     def _read_soon(self) -> None:
@@ -314,44 +303,51 @@ cdef class HostSocket:
 
     # ---- writing
 
-    cdef Py_ssize_t _send(self, data) except? -1:
-        """send() what it takes of `data`: bytes sent, 0 when the socket is full, -errno
+    cdef Py_ssize_t _send(self, const char *p, Py_ssize_t n) noexcept:
+        """send() what it takes of p[:n]: bytes sent, 0 when the socket is full, -errno
         on a failure."""
-        cdef Py_buffer view
-        cdef Py_ssize_t n
+        cdef Py_ssize_t sent = send(self.fd, p, n, MSG_NOSIGNAL)
         cdef int err
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        n = send(self.fd, view.buf, view.len, MSG_NOSIGNAL)
-        err = errno
-        PyBuffer_Release(&view)
-        if n < 0:
+        if sent < 0:
+            err = errno
             return 0 if err == EAGAIN or err == EINTR else -err
-        return n
+        return sent
 
-    def write(self, data) -> None:
-        cdef Py_ssize_t n
+    cpdef write(self, data):
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self.write_bytes(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef write_bytes(self, const char *p, Py_ssize_t n):
+        """Write p[:n] now; what the socket does not take waits in wbuf (EPOLLOUT tells
+        when there is room)."""
+        cdef Py_ssize_t sent = 0, old
         if self.closing:
             return
         if not self.writing:
-            n = self._send(data)
-            if n < 0:
-                exc = _oserror(-n)
+            sent = self._send(p, n)
+            if sent < 0:
+                exc = _oserror(-sent)
                 self._close_now()
                 self.loop.call_soon(self.conn.host_lost, exc)
                 return
-            if n == len(data):
+            if sent == n:
                 return
-            data = data[n:]
             self.writing = True
             if not self.out_armed:
                 self.out_armed = True
                 self.poller.modify(self, C_ALL)
-        self.wbuf += data                       # (EPOLLOUT comes when room does)
-        if len(self.wbuf) > self.high:
+        old = len(self.wbuf)
+        PyByteArray_Resize(self.wbuf, old + n - sent)
+        memcpy(PyByteArray_AS_STRING(self.wbuf) + old, p + sent, n - sent)
+        if old + n - sent > self.high:
             self.blocked = True
 
     cdef _writable(self):
-        cdef Py_ssize_t n = self._send(self.wbuf)
+        cdef Py_ssize_t n = self._send(PyByteArray_AS_STRING(self.wbuf), len(self.wbuf))
         if n < 0:
             self._failed(_oserror(-n))
             return
@@ -370,7 +366,7 @@ cdef class HostSocket:
             if self.conn is not None:           # (None: closing, the flow is gone)
                 self.conn.window_update()
 
-    def write_eof(self) -> None:
+    cpdef write_eof(self):
         """Our half of the host connection ends once what waits is written."""
         if self.writing:
             self.eof_pending = True
@@ -390,7 +386,7 @@ cdef class HostSocket:
         if conn is not None:
             conn.host_lost(exc)
 
-    def close(self) -> None:
+    cpdef close(self):
         """Graceful: stop reading; close once what waits is written."""
         if self.closing:
             return
@@ -401,7 +397,7 @@ cdef class HostSocket:
         else:
             self.conn = None                    # the flow is done with us
 
-    def abort(self) -> None:
+    cpdef abort(self):
         """Close at once with RST (the guest reset its side, or the flow gave up)."""
         cdef linger lg
         if self.fd >= 0:

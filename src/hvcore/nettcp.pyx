@@ -24,6 +24,7 @@ import logging
 import random
 from collections import deque
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from libc.errno cimport EINPROGRESS, errno
 from libc.stdint cimport uint64_t
@@ -37,7 +38,8 @@ from hvcore.netbuild cimport Builder
 from hvcore.netio cimport FrameFd
 from hvcore.netpkt cimport Packet
 from hvcore.netpkt import parse
-from hvcore.nethost import HostSocket, connect_tcp, tcp_socket
+from hvcore.nethost cimport HostSocket, Poller
+from hvcore.nethost import connect_tcp, tcp_socket
 from hvcore.netreasm import Reassembly
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ cdef class TcpConn:
     cdef public object rcv_fin          # the guest's FIN, seen ahead of a gap (or None)
     cdef public object reasm
     cdef public long long mss
-    cdef public object host
+    cdef public HostSocket host
     cdef public bint host_paused, into_scratch
     cdef public object connect_dest, connect_timer
     cdef public double rto
@@ -141,8 +143,7 @@ cdef class TcpConn:
         self.builder = stack.builder
         self.loop = stack.loop
         self.counters = stack.counters
-        cfg = stack.cfg
-        self.rcv_cap, self.snd_cap = cfg.tcp_rcv_buffer, cfg.tcp_snd_buffer
+        self.rcv_cap, self.snd_cap = stack.rcv_buffer, stack.snd_buffer
         self.key = (guest, gport, peer, pport)
         self.guest, self.gport, self.peer, self.pport = guest, gport, peer, pport
         self.state = S_CONNECTING
@@ -224,7 +225,7 @@ cdef class TcpConn:
 
     def send_synack(self) -> None:
         self.state = S_SYN_RCVD
-        self._segment(F_SYN | F_ACK, self.iss, self.stack.cfg.mtu - 40,
+        self._segment(F_SYN | F_ACK, self.iss, self.stack.mtu - 40,
                       C_WSCALE if self.rcv_wscale else -1)
         self.snd_nxt = self.iss + 1
         self._arm(False)
@@ -233,7 +234,7 @@ cdef class TcpConn:
         """Open the flow from our side (a port forward)."""
         self.state = S_SYN_SENT
         self.rcv_wscale = C_WSCALE
-        self._segment(F_SYN, self.iss, self.stack.cfg.mtu - 40, C_WSCALE)
+        self._segment(F_SYN, self.iss, self.stack.mtu - 40, C_WSCALE)
         self.snd_nxt = self.iss + 1
         self._arm(False)
 
@@ -353,7 +354,7 @@ cdef class TcpConn:
         """Take the guest's SYN options (before the host connect completes)."""
         self.irs = pkt.seq
         self.rcv_nxt = self.rcv_adv = pkt.seq + 1
-        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.cfg.mtu - 40))
+        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.mtu - 40))
         if pkt.wscale >= 0:
             self.snd_wscale, self.rcv_wscale = pkt.wscale, C_WSCALE
         self.snd_wnd = pkt.window
@@ -428,7 +429,7 @@ cdef class TcpConn:
             return
         self.irs = pkt.seq
         self.rcv_nxt = self.rcv_adv = pkt.seq + 1
-        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.cfg.mtu - 40))
+        self.mss = _max(64, _min(pkt.mss if pkt.mss else 536, self.stack.mtu - 40))
         if pkt.wscale >= 0:
             self.snd_wscale = pkt.wscale
         else:
@@ -505,7 +506,7 @@ cdef class TcpConn:
                     return
                 take = _min(end, _max(self.rcv_adv, self.rcv_nxt))
                 if take > self.rcv_nxt:
-                    self._to_host(pkt.payload[self.rcv_nxt - seq:take - seq])
+                    self._to_host_from(pkt, self.rcv_nxt - seq, take - self.rcv_nxt)
                     self.rcv_nxt = take
                 if take < end:
                     counters["tcp dropped: beyond window"] += 1
@@ -555,12 +556,29 @@ cdef class TcpConn:
             self._segment(F_ACK)
 
     cdef _to_host(self, data):
-        host = self.host
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._to_host_bytes(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef _to_host_from(self, Packet pkt, Py_ssize_t offset, Py_ssize_t n):
+        """Payload bytes [offset, offset+n) of `pkt` to the host, straight from its frame."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(pkt.frame, &view, PyBUF_SIMPLE)
+        try:
+            self._to_host_bytes(<const char *>view.buf + pkt.payload_offset + offset, n)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef _to_host_bytes(self, const char *p, Py_ssize_t n):
+        cdef HostSocket host = self.host
         if host is None or host.closing:
             self.counters["tcp dropped: host socket closed"] += 1
             return
-        host.write(data)
-        self.bytes_to_host += len(data)
+        host.write_bytes(p, n)
+        self.bytes_to_host += n
         self.stack.host_written = True
 
     # ---- host socket events
@@ -653,7 +671,7 @@ cdef class TcpConn:
         self.rto_deadline = None
         if self.host is not None:
             if lazy:
-                self.stack.defer(self.host.close)
+                self.stack.defer((<object>self.host).close)
             else:
                 self.host.close()
         self.nat.time_wait(self)
@@ -760,6 +778,9 @@ cdef class StackCore:
     cdef public object cfg, port, pcap, counters, loop
     cdef public object dns_addr, dns_tcp_addr   # the built-in DNS server's (UDP, TCP)
     cdef long long gw, alias, net, netmask
+    cdef public long long mtu, rcv_buffer, snd_buffer, max_flows, max_connecting
+    cdef public long long max_connecting_per_dest
+    cdef public double time_wait
     cdef int tfd                            # the timer (a timerfd), -1 until used
     cdef bint armed
     cdef long long armed_at                 # CLOCK_MONOTONIC ns it fires at
@@ -777,10 +798,16 @@ cdef class StackCore:
         self.tfd = -1
         self.alias = -1
 
-    def set_addresses(self, long long gw, alias, long long net, long long netmask) -> None:
-        """The addresses `host_target` maps (alias None: no host-loopback alias)."""
-        self.gw, self.net, self.netmask = gw, net, netmask
-        self.alias = -1 if alias is None else alias
+    def configure(self, cfg) -> None:
+        """Copy what the flows read per segment or connection from `cfg` (a NetConfig)
+        into C fields: the addresses `host_target` maps, MTU, buffers, limits."""
+        self.gw, self.net, self.netmask = cfg.gw, cfg.net, cfg.netmask
+        self.alias = -1 if cfg.alias is None else cfg.alias
+        self.mtu, self.rcv_buffer, self.snd_buffer = cfg.mtu, cfg.tcp_rcv_buffer, \
+            cfg.tcp_snd_buffer
+        self.max_flows, self.max_connecting = cfg.max_tcp_flows, cfg.max_connecting
+        self.max_connecting_per_dest = cfg.max_connecting_per_dest
+        self.time_wait = cfg.time_wait
 
     cpdef host_target(self, long long dst, int port, str proto):
         """The host address (ip, port) a guest flow to (dst, port) becomes, or None to
@@ -946,18 +973,17 @@ cdef class NatCore:
         completed when the call returns, so the SYN-ACK leaves at once."""
         cdef StackCore stack = self.stack
         cdef TcpConn conn
-        cfg = stack.cfg
         target = stack.host_target(pkt.dst, pkt.dport, "tcp")
         if target is None:
             stack.counters["tcp refused: no such destination"] += 1
             self.reset_for(pkt)
             return
         dest = (pkt.dst, pkt.dport)
-        if len(self.conns) >= cfg.max_tcp_flows:
+        if len(self.conns) >= stack.max_flows:
             stack.counters["tcp syn dropped: flow limit"] += 1
             return
-        if self.connecting >= cfg.max_connecting or \
-                self.per_dest.get(dest, 0) >= cfg.max_connecting_per_dest:
+        if self.connecting >= stack.max_connecting or \
+                self.per_dest.get(dest, 0) >= stack.max_connecting_per_dest:
             stack.counters["tcp syn dropped: connects in flight"] += 1
             return                              # the guest retransmits its SYN later
         conn = TcpConn(self, pkt.src, pkt.sport, pkt.dst, pkt.dport)
@@ -1016,7 +1042,7 @@ cdef class NatCore:
         """`conn` entered TIME_WAIT: it ends time_wait seconds from now (one FIFO and
         one timer for all flows: every flow waits the same time)."""
         loop = self.stack.loop
-        self.waiting.append((loop.time() + self.stack.cfg.time_wait, conn))
+        self.waiting.append((loop.time() + self.stack.time_wait, conn))
         if self.wait_timer is None:
             self.wait_timer = loop.call_at(self.waiting[0][0], self._expire)
 

@@ -52,7 +52,7 @@ class Stack(StackCore):
         self.tcp = TcpNat(self)
         self.conns, self.on_syn, self.on_other = self.tcp.conns, self.tcp.syn, self.packet
         self.host_written = False           # this batch wrote to a host socket
-        self.set_addresses(cfg.gw, cfg.alias, cfg.net, cfg.netmask)   # for host_target
+        self.configure(cfg)
         self.held: list = []            # frames waiting for the guest's MAC (bounded)
         self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
