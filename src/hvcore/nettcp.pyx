@@ -496,6 +496,7 @@ cdef class TcpConn:
         cdef long long seq = _unwrap(pkt.seq, self.rcv_nxt), n = pkt.payload_len
         cdef long long end = seq + n, take, ready
         cdef bint fin = pkt.flags & F_FIN
+        cdef bytes ready_bytes
         counters = self.counters
         if n:
             reasm = self.reasm
@@ -530,7 +531,8 @@ cdef class TcpConn:
                     if fin and end <= self.rcv_nxt + self.rcv_cap:
                         self.rcv_fin = end             # taken when the gap before it fills
                     if ready:
-                        self._to_host(reasm.take())
+                        ready_bytes = reasm.take()
+                        self._to_host_bytes(ready_bytes, len(ready_bytes))
                         self.rcv_nxt = reasm.base
                 self._segment(F_ACK)           # duplicate ACK: tells the guest what is missing
             self.stack.ack_pending.add(self)
@@ -554,14 +556,6 @@ cdef class TcpConn:
                 self.stack.defer(self.delayed_ack)   # moment (the guest already opens
                 return                         # its next connection, whose SYN goes first)
             self._segment(F_ACK)
-
-    cdef _to_host(self, data):
-        cdef Py_buffer view
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            self._to_host_bytes(<const char *>view.buf, view.len)
-        finally:
-            PyBuffer_Release(&view)
 
     cdef _to_host_from(self, Packet pkt, Py_ssize_t offset, Py_ssize_t n):
         """Payload bytes [offset, offset+n) of `pkt` to the host, straight from its frame."""
@@ -781,7 +775,7 @@ cdef class StackCore:
     cdef public long long mtu, rcv_buffer, snd_buffer, max_flows, max_connecting
     cdef public long long max_connecting_per_dest
     cdef public double time_wait
-    cdef int tfd                            # the timer (a timerfd), -1 until used
+    cdef int tfd                            # the timer (a timerfd): -1 until used, -2 closed
     cdef bint armed
     cdef long long armed_at                 # CLOCK_MONOTONIC ns it fires at
     cdef public Builder builder
@@ -835,7 +829,7 @@ cdef class StackCore:
         cdef long long at
         clock_gettime(CLOCK_MONOTONIC, &now)
         at = now.tv_sec * 1000000000LL + now.tv_nsec + delay_ns
-        if self.armed and self.armed_at <= at:
+        if self.armed and self.armed_at <= at or self.tfd == -2:
             return
         if self.tfd < 0:
             self.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
@@ -856,11 +850,13 @@ cdef class StackCore:
         self._later()
 
     def close_timer(self) -> None:
+        """The stack closes: the timer goes, and work deferred from now on (by the
+        deferred work the close runs itself) runs with the close, not later."""
         if self.tfd >= 0:
             self.loop.remove_reader(self.tfd)
             close(self.tfd)
-            self.tfd = -1
-            self.armed = False
+        self.tfd = -2
+        self.armed = False
 
     def receive(self, frames) -> None:
         """A batch of frames from the port; ACKs owed are sent once at the end. A segment
