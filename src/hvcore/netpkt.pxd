@@ -22,3 +22,6 @@ cdef class Packet:
     cdef readonly int l4_offset, payload_offset, payload_len
 
     cdef int _ip(self, const uint8_t *p, Py_ssize_t n, Py_ssize_t off, bint csum_ok) noexcept
+
+
+cpdef Packet parse(object frame, bint vnet=*)

@@ -14,6 +14,8 @@ TSO super-frames are one big segment; outgoing TCP data then goes out as GSO fra
 partial checksum, so the kernel behind the TAP never sees one frame per MSS.
 """
 
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from hvcore.netwire cimport ETH, VNET, fold, get16, get32, getmac, pseudo, sum16, sum_big
@@ -55,6 +57,7 @@ def checksum(data) -> int:
     return (~sum_big(&b[0], b.shape[0])) & 0xffff
 
 
+@cython.freelist(64)                   # one per frame: reused, not malloc'ed each time
 cdef class Packet:
     """One parsed frame. `reason` is 0 or the index in REASONS of the first bad field;
     offsets are into `frame`. Fields of layers the frame lacks stay 0 (declared in
@@ -199,19 +202,24 @@ cdef Packet _new_packet(object frame):
     return pkt
 
 
-def parse(frame, bint vnet=False) -> Packet:
+cpdef Packet parse(object frame, bint vnet=False):
     """Parse an Ethernet frame (after a virtio_net_hdr when `vnet`). Never raises on the
     frame's content: `kind == DROP` and `reason` say why it is unusable."""
-    cdef Packet pkt = _new_packet(frame)
-    cdef const uint8_t[::1] b = frame
-    cdef Py_ssize_t n = b.shape[0], off = 0
-    cdef const uint8_t *p
+    cdef Py_buffer view
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    try:
+        return _parse(_new_packet(frame), <const uint8_t *>view.buf, view.len, vnet)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef Packet _parse(Packet pkt, const uint8_t *p, Py_ssize_t n, bint vnet):
+    cdef Py_ssize_t off = 0
     cdef const uint8_t *a
     cdef bint csum_ok = False
     if n == 0:
         pkt.reason = R_ETH_SHORT
         return pkt
-    p = &b[0]
     if vnet:
         if n < VNET:
             pkt.reason = R_VNET

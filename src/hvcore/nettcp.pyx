@@ -36,8 +36,7 @@ from hvcore.includes.timerfd cimport (TFD_CLOEXEC, TFD_NONBLOCK, TFD_TIMER_ABSTI
                                       timerfd_create, timerfd_settime)
 from hvcore.netbuild cimport Builder
 from hvcore.netio cimport FrameFd
-from hvcore.netpkt cimport Packet
-from hvcore.netpkt import parse
+from hvcore.netpkt cimport Packet, parse
 from hvcore.nethost cimport HostSocket, Poller
 from hvcore.nethost import connect_tcp, tcp_socket
 from hvcore.netreasm import Reassembly
