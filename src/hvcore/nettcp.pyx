@@ -1,10 +1,14 @@
 # cython: language_level=3
 """One TCP flow between the guest and a host socket: the state machine (RFC 9293) on the
-guest side, a host socket object (`pyhv.net.hostsock.HostSocket`, set by the flow table)
-on the host side. In Cython because a short connection runs this code a dozen times and
-the Python version cost more user CPU per connection than pasta spends in total: here the
-flow's fields are C fields and the parsed segment's (`netpkt.Packet`) are read as such.
-Policy (which flows, limits, timeouts, stats) stays in `pyhv.net.tcpnat`.
+guest side, a host socket (`hvcore.nethost.HostSocket`, set by the flow table) on the host
+side; and the parts of the stack and the flow table that every connection runs: the batch
+dispatch and the stack's send / delayed-ACK / deferred-work core (`StackCore`), a SYN's
+connect and SYN-ACK, a flow's end and TIME_WAIT (`NatCore`). In Cython, called from Cython,
+because a short connection runs this code a dozen times and in Python it cost more user
+CPU per connection than pasta spends in total: fields are C fields, the parsed segment's
+(`netpkt.Packet`), the frame builder's and the host socket's methods are C calls. What is
+not per segment or per connection (policy, failures, forwards, stats) stays in
+`pyhv.net.tcpnat` and `pyhv.net.stack`, subclasses of NatCore and StackCore.
 
 pyhv plays the guest's peer. Sequence numbers are kept unwrapped (64-bit); the wire
 carries them mod 2**32. Flow control is tied to the host socket: the window offered to the
