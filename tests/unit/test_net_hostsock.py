@@ -159,3 +159,62 @@ def test_a_failing_handler_costs_its_flow_only():
         poller.close()
 
     asyncio.run(main())
+
+
+def test_an_event_of_a_socket_closed_in_its_batch_skips_the_fd_successor():
+    """Events are fetched in batches: when handling one closes another socket of the
+    batch and a new socket gets its fd number, the old socket's event must not reach the
+    new one (a connecting socket would take it for "connected")."""
+    import os
+
+    class Counting(FakeConn):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def host_buffer(self) -> memoryview:
+            self.calls += 1
+            return super().host_buffer()
+
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            def pair():
+                ours = socket.create_connection(srv.getsockname())
+                peer, _ = srv.accept()
+                ours.setblocking(False)
+                return ours, peer
+
+            (a, pa), (c, pc), (d, pd) = pair(), pair(), pair()
+        conn_a, conn_c, conn_d = FakeConn(), FakeConn(), Counting()
+        hs_a = HostSocket(poller, a, conn_a, 1 << 20)
+        hs_c = HostSocket(poller, c, conn_c, 1 << 20)
+        c_fd, successor = hs_c.fd, []
+
+        def swap(n: int) -> None:               # A's data comes first in the batch
+            conn_a.got += conn_a.buf[:n]
+            if not successor:
+                hs_c.abort()                    # C goes; its fd number gets D's socket
+                os.dup2(d.fileno(), c_fd)
+                d.close()
+                hs_d = HostSocket(poller, c_fd, conn_d, 1 << 20)
+                hs_d.register(reading=True)
+                successor.append(hs_d)
+
+        conn_a.host_data = swap
+        hs_a.register(reading=True)
+        hs_c.register(reading=True)
+        pa.sendall(b"a")
+        pc.sendall(b"c")                        # both ready: one batch, A first
+        poller._ready()
+        try:
+            assert successor and bytes(conn_a.got) == b"a"
+            assert conn_d.calls == 0            # C's event did not reach D
+        finally:
+            for hs in (hs_a, *successor):
+                hs.abort()
+            for p in (pa, pc, pd):
+                p.close()
+            poller.close()
+
+    asyncio.run(main())
