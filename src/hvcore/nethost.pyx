@@ -22,7 +22,6 @@ never from inside a call the flow is making."""
 import logging
 import os
 import select
-import struct
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
@@ -40,14 +39,12 @@ from hvcore.includes.socket cimport (AF_INET, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOL
                                      sockaddr, sockaddr_in, socket, socklen_t)
 
 log = logging.getLogger(__name__)
-LINGER_RST = struct.pack("ii", 1, 0)
 EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR,
                                          select.EPOLLHUP)
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 ALL_EVENTS = READ_EVENTS | EPOLLOUT
 END_EVENTS = select.EPOLLRDHUP | EPOLLHUP | EPOLLERR
-MAX_EVENTS = 256
-DEF C_MAX_EVENTS = 256
+DEF C_MAX_EVENTS = 256                  # events taken per wakeup
 cdef unsigned int C_IN = select.EPOLLIN, C_OUT = select.EPOLLOUT, C_ERR = select.EPOLLERR
 cdef unsigned int C_HUP = select.EPOLLHUP, C_END = END_EVENTS
 cdef unsigned int C_READ = READ_EVENTS, C_ALL = ALL_EVENTS

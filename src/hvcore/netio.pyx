@@ -75,14 +75,10 @@ cdef class FrameFd:
         self.frames_out += len(frames)
 
 
-def write_frames(int fd, frames) -> int:
+cdef int _write_frames(int fd, frames) except -1:
     """Write each frame (a buffer, or a tuple of buffers making one frame) with one
     write/writev; returns how many could not be written (full queue, error): they are
     dropped, as a full NIC queue would."""
-    return _write_frames(fd, frames)
-
-
-cdef int _write_frames(int fd, frames) except -1:
     cdef iovec iov[MAX_PARTS]
     cdef Py_buffer bufs[MAX_PARTS]
     cdef Py_ssize_t n

@@ -725,15 +725,11 @@ cpdef list syns_first(list pkts):
     return syns + others
 
 
-def dispatch(frames, bint vnet, builder, dict conns, syn, other, error) -> None:
+cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
     """Parse a batch of frames from the port and hand each out: a segment of a known flow
     (from the guest's known MAC) to its flow, a new connection's SYN to `syn(pkt, key)`
     (the flow table decides), anything else to `other(pkt)`. A failure costs its frame:
     `error()` is called from the except block (it counts and logs)."""
-    _dispatch(frames, vnet, builder, conns, syn, other, error)
-
-
-cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
     cdef list pkts = [parse(f, vnet) for f in frames]
     cdef Packet pkt
     cdef TcpConn conn
@@ -881,9 +877,7 @@ cdef class StackCore:
 
     def _frame_error(self) -> None:
         """A bug must cost one frame, not the service (called in the except block)."""
-        self.counters["internal errors"] += 1
-        if self.counters["internal errors"] == 1:
-            log.exception("pyhv net: internal error on a frame (dropped)")
+        self._internal_error("on a frame (dropped)")
 
     cpdef send(self, list frames):
         if self.builder.guest_mac == BROADCAST_MAC:
@@ -922,7 +916,7 @@ cdef class StackCore:
             try:
                 conn.delayed_ack()
             except Exception:
-                self._deferred_error()
+                self._internal_error("in deferred work")
         self._run_deferred()
 
     cpdef _run_deferred(self):
@@ -932,12 +926,13 @@ cdef class StackCore:
             try:
                 callback()
             except Exception:
-                self._deferred_error()
+                self._internal_error("in deferred work")
 
-    def _deferred_error(self) -> None:
+    def _internal_error(self, str where) -> None:
+        """Count a bug caught in an except block; log the first one with its traceback."""
         self.counters["internal errors"] += 1
         if self.counters["internal errors"] == 1:
-            log.exception("pyhv net: internal error in deferred work")
+            log.exception(f"pyhv net: internal error {where}")
 
 
 # ---- the flow table's per-connection part

@@ -484,3 +484,29 @@ def test_syns_go_first_in_a_batch_unless_their_flow_has_other_frames():
     assert syns_first([fin, other, syn]) == [syn, fin, other]
     same = seg(1001, n.ACK)
     assert syns_first([same, syn]) == [same, syn]
+
+
+def test_a_bug_costs_its_frame_or_its_deferred_call_only(caplog):
+    """A handler that raises is counted ("internal errors") and logged once with its
+    traceback; the other frames of the batch and the other deferred calls still run."""
+    stack = Stack(NetConfig(), FakePort())
+    seen = []
+
+    def other(pkt):
+        if not seen:
+            seen.append(pkt)
+            raise RuntimeError("a bug")
+        seen.append(pkt)
+
+    stack.on_other = other
+    b = n.Builder(GUEST_MAC)
+    frame = bytes(b.arp_request(stack.cfg.gw, stack.cfg.guest))
+    stack.receive([frame, frame])
+    assert len(seen) == 2 and stack.counters["internal errors"] == 1
+    ran = []
+    stack.deferred[:] = [lambda: 1 / 0, lambda: ran.append(True)]
+    stack._run_deferred()
+    assert ran and stack.counters["internal errors"] == 2
+    logged = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert logged == ["pyhv net: internal error on a frame (dropped)"]
+    stack.close()

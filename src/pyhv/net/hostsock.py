@@ -7,10 +7,7 @@ from __future__ import annotations
 from hvcore.nethost import (  # noqa: F401  (re-exported)
     ALL_EVENTS,
     END_EVENTS,
-    LINGER_RST,
-    MAX_EVENTS,
     READ_EVENTS,
     HostSocket,
     Poller,
-    connect_tcp,
 )

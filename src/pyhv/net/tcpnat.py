@@ -39,7 +39,6 @@ class TcpNat(NatCore):
         self.poller: Poller | None = None
         self.next_port = EPHEMERAL[0]
         self.closing = False
-        self.wait_timer = None
 
     def start(self) -> None:
         self.poller = Poller(self.stack.loop, self.stack.counters)
