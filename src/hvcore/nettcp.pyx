@@ -747,7 +747,10 @@ cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
                         continue
                 else:
                     conn = <TcpConn>c
-                    if conn.state != S_TIME_WAIT:
+                    # in TIME_WAIT only a bare SYN (the pair reused) needs the flow table;
+                    # the rest (the peer's late ACK, FIN or RST) is the flow's
+                    if conn.state != S_TIME_WAIT or \
+                            pkt.flags & (F_SYN | F_ACK | F_RST) != F_SYN:
                         conn.segment(pkt)
                         continue
             other(pkt)

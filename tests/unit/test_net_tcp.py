@@ -474,6 +474,27 @@ def test_syn_reusing_a_time_wait_pair_opens_a_new_flow():
     run(body)
 
 
+def test_a_fin_retransmitted_into_time_wait_is_acked_again():
+    """The guest did not get our last ACK and sends its FIN again: TIME_WAIT answers it
+    with the same ACK (RFC 9293 3.10.7.4) and stays; no RST, the pair is still known."""
+    async def body(guest, stack, received, writers, eof):
+        await guest.handshake()
+        await settle(lambda: writers)
+        writers[0].close()
+        fin = await guest.expect(lambda p: p.flags & n.FIN)
+        guest.ack = fin.seq + 1
+        guest.send(n.ACK | n.FIN)
+        await settle(lambda: _conn(stack).state == tcp.TIME_WAIT)
+        await guest.expect(lambda p: p.ack == 1002 and not p.flags & n.FIN)
+        guest.send(n.ACK | n.FIN)                        # the same FIN once more
+        again = await guest.expect(lambda p: p.ack == 1002)
+        assert not again.flags & (n.RST | n.FIN)
+        assert _conn(stack).state == tcp.TIME_WAIT
+        assert stack.counters["tcp segments for no flow"] == 0
+
+    run(body)
+
+
 def test_syns_go_first_in_a_batch_unless_their_flow_has_other_frames():
     b = n.Builder(GUEST_MAC)
     cfg = NetConfig()
