@@ -2,17 +2,21 @@
 """Poller's and HostSocket's fields and C methods, declared here so flows (hvcore.nettcp)
 call them in C."""
 
+from hvcore.netpoll cimport BusyPoll
+
 
 cdef class Poller:
     cdef public object loop, counters
     cdef public dict socks
     cdef public int epfd
     cdef unsigned int gen
+    cdef public BusyPoll busy           # polls on after each batch of events (None: off)
 
     cdef int _ctl(self, HostSocket hs, int op, unsigned int events) except -1
     cpdef add(self, HostSocket hs, unsigned int events)
     cpdef modify(self, HostSocket hs, unsigned int events)
     cpdef forget(self, HostSocket hs)
+    cdef _handle(self)
     cdef _internal_error(self, HostSocket hs)
 
 

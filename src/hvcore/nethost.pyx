@@ -150,6 +150,15 @@ cdef class Poller:
             del self.socks[hs.fd]
 
     def _ready(self) -> None:
+        """The epoll set has events (an event-loop reader callback): handle a batch, then
+        busy-poll (`hvcore.netpoll`) when that is on."""
+        if self.busy is not None:
+            self.busy.woke()
+        self._handle()
+        if self.busy is not None:
+            self.busy.spin()
+
+    cdef _handle(self):
         cdef epoll_event events[C_MAX_EVENTS]
         cdef int n = epoll_wait(self.epfd, events, C_MAX_EVENTS, 0), i
         cdef dict socks = self.socks

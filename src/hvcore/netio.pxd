@@ -2,12 +2,15 @@
 """FrameFd's fields and methods, declared here so the stack (hvcore.nettcp) sends frames
 to a TAP port in C."""
 
+from hvcore.netpoll cimport BusyPoll
+
 
 cdef class FrameFd:
     cdef public int fd, max_frames
     cdef public Py_ssize_t max_size
     cdef public long long frames_in, frames_out, dropped
     cdef public object deliver
+    cdef public BusyPoll busy           # polls on after each batch (None: off)
     cdef bytearray spare
 
     cpdef list read(self)

@@ -30,11 +30,16 @@ cdef class FrameFd:
         self.spare = None
 
     def readable(self) -> None:
-        """The fd is readable (an event-loop reader callback): read and deliver a batch."""
+        """The fd is readable (an event-loop reader callback): read and deliver a batch,
+        then busy-poll (`hvcore.netpoll`) when that is on."""
+        if self.busy is not None:
+            self.busy.woke()
         cdef list frames = self.read()
         if frames:
             self.frames_in += len(frames)
             self.deliver(frames)
+        if self.busy is not None:
+            self.busy.spin()
 
     cpdef list read(self):
         """Up to `max_frames` frames (bytearrays of at most `max_size` bytes), until the

@@ -228,6 +228,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert done.returncode == 1 and "cannot reach the control socket" in done.stderr
     done = pyhv("serve", "--stream", str(tmp_path / "s"), "--mtu", "100")
     assert done.returncode == 1 and "MTU" in done.stderr and "Traceback" not in done.stderr
+    done = pyhv("serve", "--stream", str(tmp_path / "s"), "--busy-poll", "5000")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and \
+        "--busy-poll must be within 0..1000 us" in done.stderr
     done = pyhv("serve", "--tap", "x", "--stream", "y")
     assert done.returncode == 2
 

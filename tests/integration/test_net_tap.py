@@ -151,6 +151,18 @@ def test_tcp_echo_and_udp_echo(ns, hosts):
     assert ns.client("udp_echo", ALIAS, str(hosts["udp"])).strip() == "udp-hello"
 
 
+def test_busy_poll_is_on_by_default_and_can_be_turned_off(ns, hosts, tmp_path):
+    """The TAP port polls up to 50 us after events by default (`hvcore.netpoll`);
+    `--busy-poll 0` serves without it, just as well."""
+    assert ns.stats()["busy poll"]["max us"] == 50
+    off = NetNs(tmp_path, "--busy-poll", "0")
+    try:
+        assert off.client("connect", ALIAS, str(hosts["echo"])).strip() == "ok ping"
+        assert off.stats()["busy poll"] is None
+    finally:
+        off.close()
+
+
 def test_half_close_guest_first(ns, hosts):
     assert ns.client("halfclose_guest", ALIAS, str(hosts["guest_first"])).strip() == \
         "got 100000"

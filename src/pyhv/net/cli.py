@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     serve.add_argument("--pcap", metavar="FILE", help="write the guest's traffic here")
     serve.add_argument("--connect-timeout", type=float, default=10.0)
     serve.add_argument("--max-connecting", type=int, default=1024)
+    serve.add_argument("--busy-poll", type=int, default=50, metavar="USEC",
+                       help="with --tap: keep polling up to USEC after each event before "
+                            "sleeping, adaptively (0: off; default 50)")
     serve.set_defaults(handler=cmd_serve)
 
     for name, helptext in (("expose", "add a port forward"),
@@ -64,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = NetConfig(subnet=args.subnet, gateway=args.gateway, guest_ip=args.guest_ip,
                     host_loopback=None if args.no_host_loopback else args.host_loopback,
                     mtu=args.mtu, dns_upstream=[parse_upstream(u) for u in args.dns_upstream],
-                    connect_timeout=args.connect_timeout, max_connecting=args.max_connecting)
+                    connect_timeout=args.connect_timeout, max_connecting=args.max_connecting,
+                    busy_poll_us=args.busy_poll)
     forwards = [parse_forward(p) for p in args.publish]
     if (args.netns or args.configure) and not args.tap:
         raise PyhvError("--netns and --configure go with --tap")

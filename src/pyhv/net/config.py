@@ -18,6 +18,7 @@ from pyhv.errors import PyhvError
 
 GATEWAY_MAC = 0x5A94EFE40CDD
 DOMAIN = "pyhv.internal"
+MAX_BUSY_POLL_US = 1000     # beyond, polling costs more CPU than any wake-up it saves
 
 
 def ip(text: str) -> int:
@@ -51,6 +52,7 @@ class NetConfig:
     udp_queue: int = 16
     max_fragments: int = 64
     fragment_timeout: float = 15.0
+    busy_poll_us: int = 50              # TAP port: poll this long after events (0: off)
 
     def __post_init__(self) -> None:
         try:
@@ -64,6 +66,9 @@ class NetConfig:
             raise PyhvError(f"bad network address: {e}") from None
         if not 576 <= self.mtu <= 65520:
             raise PyhvError(f"MTU must be within 576..65520, got {self.mtu}")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise PyhvError(f"--busy-poll must be within 0..{MAX_BUSY_POLL_US} us, "
+                            f"got {self.busy_poll_us}")
         self.net = int(net.network_address)
         self.netmask = int(net.netmask)
         self.broadcast = int(net.broadcast_address)

@@ -10,6 +10,7 @@ import logging
 from hvcore import netpkt
 from hvcore.netbuild import Builder
 from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
+from hvcore.netpoll import BusyPoll
 from hvcore.nettcp import StackCore, syns_first  # noqa: F401  (syns_first: re-exported)
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
@@ -57,12 +58,18 @@ class Stack(StackCore):
         self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
         self.dns_tcp_addr: tuple[str, int] | None = None  # and its TCP listener
+        self.busy: BusyPoll | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.port.start(self.receive)
         self.tcp.start()
         self.udp.start()
+        if self.io is not None and self.cfg.busy_poll_us:
+            # the TAP and the host sockets: polled a while after each event (netpoll)
+            self.busy = BusyPoll([self.port.fd, self.tcp.poller.epfd],
+                                 self.cfg.busy_poll_us * 1000)
+            self.io.busy = self.tcp.poller.busy = self.busy
 
     def close(self) -> None:
         self.close_timer()
@@ -178,5 +185,8 @@ class Stack(StackCore):
     def stats(self) -> dict:
         return {"counters": dict(self.counters), "port": self.port.stats(),
                 "tcp": self.tcp.stats(), "udp": self.udp.stats(),
-                "fragments dropped": self.frags.dropped}
+                "fragments dropped": self.frags.dropped,
+                "busy poll": None if self.busy is None else {
+                    "max us": self.busy.max_ns // 1000, "window us": self.busy.window_ns // 1000,
+                    "polls": self.busy.polls, "caught": self.busy.caught}}
 

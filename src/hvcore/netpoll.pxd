@@ -1,0 +1,18 @@
+# cython: language_level=3
+"""BusyPoll's fields and C methods, declared here so the TAP port (hvcore.netio) and the
+host-socket poller (hvcore.nethost) call them in C around their event-loop callbacks."""
+
+cdef enum:
+    MAX_FDS = 4
+
+
+cdef class BusyPoll:
+    cdef int fds[MAX_FDS]
+    cdef int nfds
+    cdef public long long max_ns, window_ns
+    cdef long long slept_at                 # CLOCK_MONOTONIC ns a fruitless poll ended; 0: none
+    cdef public long long polls, caught
+
+    cpdef adapt(self, long long slept_ns)
+    cpdef woke(self)
+    cpdef bint spin(self)
