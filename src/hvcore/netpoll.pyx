@@ -20,15 +20,9 @@ polls at most `max_ns` after each event. The GIL is released while polling.
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-DEF GROW_START_NS = 10000
+from hvcore.includes.sys cimport pollfd, poll, POLLIN
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+DEF GROW_START_NS = 10000
 
 
 cdef inline long long _now() noexcept nogil:
