@@ -13,6 +13,7 @@ cdef class BusyPoll:
     cdef long long slept_at                 # CLOCK_MONOTONIC ns a fruitless poll ended; 0: none
     cdef public long long polls, caught
 
+    cpdef set_fd(self, int i, int fd)
     cpdef adapt(self, long long slept_ns)
     cpdef woke(self)
     cpdef bint spin(self)

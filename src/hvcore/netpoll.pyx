@@ -32,7 +32,8 @@ cdef inline long long _now() noexcept nogil:
 
 
 cdef class BusyPoll:
-    """Polls `fds` (at most 4) for up to the adaptive window after each event."""
+    """Polls `fds` (at most 4; -1 is an empty slot) for up to the adaptive window after
+    each event."""
 
     def __init__(self, fds, long long max_ns):
         if not 0 < len(fds) <= MAX_FDS:
@@ -43,6 +44,17 @@ cdef class BusyPoll:
         for i, fd in enumerate(fds):
             self.fds[i] = fd
         self.max_ns, self.window_ns, self.slept_at = max_ns, 0, 0
+
+    cpdef set_fd(self, int i, int fd):
+        """Poll `fd` in slot `i` from now on (-1: nothing there, as poll(2) skips it): a
+        port whose descriptor comes and goes (a stream peer connecting)."""
+        if not 0 <= i < self.nfds:
+            raise IndexError(f"BusyPoll has {self.nfds} slots, not {i + 1}")
+        self.fds[i] = fd
+
+    def descriptors(self) -> list:
+        """The slots' descriptors (-1: empty), for stats and tests."""
+        return [self.fds[i] for i in range(self.nfds)]
 
     cpdef adapt(self, long long slept_ns):
         """The loop slept `slept_ns` after a poll that found nothing: grow or shrink."""

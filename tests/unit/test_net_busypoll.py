@@ -3,7 +3,9 @@ itself on real descriptors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import threading
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from hvcore.netpoll import BusyPoll
 from pyhv.errors import PyhvError
 from pyhv.net.config import NetConfig
+from pyhv.net.ports import DgramPort, StreamPort
 
 US = 1000
 
@@ -82,3 +85,47 @@ def test_bad_arguments_are_refused():
         NetConfig(busy_poll_us=-1)
     with pytest.raises(PyhvError, match="busy-poll"):
         NetConfig(busy_poll_us=5000)
+
+
+def test_an_empty_slot_is_skipped_and_slots_are_bounded(pipe):
+    r, w = pipe
+    b = BusyPoll([-1, r], 10**9)
+    b.adapt(0)
+    os.write(w, b"x")
+    assert b.spin() is True                          # slot 1 found; slot 0 ignored
+    b.set_fd(1, -1)
+    assert b.descriptors() == [-1, -1]
+    with pytest.raises(IndexError):
+        b.set_fd(2, r)
+
+
+def test_stream_and_dgram_ports_put_their_socket_in_slot_0(tmp_path):
+    """A stream port's descriptor is its peer's, while one is connected; a datagram
+    port's is its socket."""
+    async def body():
+        stream = StreamPort(str(tmp_path / "s"))
+        busy = BusyPoll([-1, -1], 50 * US)
+        stream.poll_with(busy)
+        await stream.start(lambda frames: None)
+        peer = socket.socket(socket.AF_UNIX)
+        peer.connect(str(tmp_path / "s"))
+        for _ in range(200):
+            if busy.descriptors()[0] >= 0:
+                break
+            await asyncio.sleep(0.01)
+        mine = stream.peer.transport.get_extra_info("socket").fileno()
+        assert busy.descriptors()[0] == mine
+        peer.close()
+        for _ in range(200):
+            if busy.descriptors()[0] < 0:
+                break
+            await asyncio.sleep(0.01)
+        assert busy.descriptors()[0] == -1
+        stream.close()
+
+        dgram = DgramPort(str(tmp_path / "d"))
+        dgram.poll_with(busy)
+        assert busy.descriptors()[0] == dgram.sock.fileno()
+        dgram.close()
+
+    asyncio.run(body())

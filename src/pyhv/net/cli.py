@@ -43,8 +43,8 @@ def register(subparsers) -> None:
     serve.add_argument("--connect-timeout", type=float, default=10.0)
     serve.add_argument("--max-connecting", type=int, default=1024)
     serve.add_argument("--busy-poll", type=int, default=50, metavar="USEC",
-                       help="with --tap: keep polling up to USEC after each event before "
-                            "sleeping, adaptively (0: off; default 50)")
+                       help="keep polling up to USEC after each event before sleeping, "
+                            "adaptively (0: off; default 50)")
     serve.set_defaults(handler=cmd_serve)
 
     for name, helptext in (("expose", "add a port forward"),

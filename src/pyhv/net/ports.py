@@ -24,6 +24,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from hvcore.netio import FrameFd
+from hvcore.netpoll import BusyPoll
 
 Deliver = Callable[[list[bytes]], None]
 MAX_FRAME = 65536 + 16
@@ -39,6 +40,12 @@ class FramePort:
     def __init__(self) -> None:
         self.frames_in = self.frames_out = self.dropped = 0
         self.deliver: Deliver | None = None
+        self.busy: BusyPoll | None = None
+
+    def poll_with(self, busy: BusyPoll) -> None:
+        """Busy-poll (`hvcore.netpoll`) after each batch read, with this port's descriptor
+        in `busy`'s slot 0 while it has one."""
+        self.busy = busy
 
     async def start(self, deliver: Deliver) -> None:
         """Begin delivering frames (from the running event loop)."""
@@ -73,6 +80,11 @@ class FdPort(FramePort):
         self.loop, self.io.deliver = asyncio.get_running_loop(), deliver
         self.loop.add_reader(self.fd, self.io.readable)
 
+    def poll_with(self, busy: BusyPoll) -> None:
+        super().poll_with(busy)
+        busy.set_fd(0, self.fd)
+        self.io.busy = busy                 # (FrameFd.readable polls, in C)
+
     def stats(self) -> dict:
         io = self.io
         return {"frames_in": io.frames_in, "frames_out": io.frames_out,
@@ -98,8 +110,18 @@ class _StreamPeer(asyncio.Protocol):
             self.port.peer.transport.close()       # a new guest connection replaces the old
         self.port.peer = self
         self.transport = transport
+        if self.port.busy is not None:
+            self.port.busy.set_fd(0, transport.get_extra_info("socket").fileno())
 
     def data_received(self, data: bytes) -> None:
+        busy = self.port.busy
+        if busy is not None:
+            busy.woke()
+        self._frames(data)
+        if busy is not None:
+            busy.spin()
+
+    def _frames(self, data: bytes) -> None:
         buf = self.buf
         buf += data
         frames, pos, end = [], 0, len(buf)
@@ -121,6 +143,8 @@ class _StreamPeer(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.port.peer is self:
             self.port.peer = None
+            if self.port.busy is not None:
+                self.port.busy.set_fd(0, -1)
 
 
 class StreamPort(FramePort):
@@ -184,7 +208,19 @@ class DgramPort(FramePort):
         self.loop, self.deliver = asyncio.get_running_loop(), deliver
         self.loop.add_reader(self.sock.fileno(), self._readable)
 
+    def poll_with(self, busy: BusyPoll) -> None:
+        super().poll_with(busy)
+        busy.set_fd(0, self.sock.fileno())
+
     def _readable(self) -> None:
+        busy = self.busy
+        if busy is not None:
+            busy.woke()
+        self._read()
+        if busy is not None:
+            busy.spin()
+
+    def _read(self) -> None:
         frames = []
         try:
             for _ in range(BATCH):

@@ -65,13 +65,16 @@ class Stack(StackCore):
         await self.port.start(self.receive)
         self.tcp.start()
         self.udp.start()
-        if self.io is not None and self.cfg.busy_poll_us:
-            # the TAP and the host sockets: polled a while after each event (netpoll)
-            self.busy = BusyPoll([self.port.fd, self.tcp.poller.epfd],
-                                 self.cfg.busy_poll_us * 1000)
-            self.io.busy = self.tcp.poller.busy = self.busy
+        if self.cfg.busy_poll_us:
+            # the port and the host sockets: polled a while after each event (netpoll)
+            self.busy = BusyPoll([-1, self.tcp.poller.epfd], self.cfg.busy_poll_us * 1000)
+            self.port.poll_with(self.busy)
+            self.tcp.poller.busy = self.busy
 
     def close(self) -> None:
+        if self.busy is not None:           # its descriptors close now: poll none of them
+            self.busy.set_fd(0, -1)
+            self.busy.set_fd(1, -1)
         self.close_timer()
         for callback in self.deferred:
             callback()
