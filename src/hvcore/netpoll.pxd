@@ -1,6 +1,7 @@
 # cython: language_level=3
 """BusyPoll's fields and C methods, declared here so the TAP port (hvcore.netio) and the
-host-socket poller (hvcore.nethost) call them in C around their event-loop callbacks."""
+host-socket poller (hvcore.nethost) call them in C around their event-loop callbacks (the
+stream and datagram ports call them from Python)."""
 
 cdef enum:
     MAX_FDS = 4

@@ -7,9 +7,9 @@ Sleeping in the event loop between them makes each of those arrive as a wake-up 
 sleeping thread; on a (virtual) machine whose other CPU is halted that wake-up is an
 inter-processor interrupt, which costs the *sender* (the guest's kernel, the host
 program) ~20 us with interrupts off and everyone ~40-60 us of latency. So after
-handling an event the stack keeps polling its descriptors (the TAP device, the host
-sockets' epoll set) for a while before the event loop sleeps: the next frame is then
-found by the poll, and nobody has to wake anybody.
+handling an event the stack keeps polling its descriptors (its port's: a TAP device, a
+stream or datagram socket; the host sockets' epoll set) for a while before the event
+loop sleeps: the next frame is then found by the poll, and nobody has to wake anybody.
 
 The window adapts like KVM's halt polling (Documentation/virt/kvm/halt-polling.rst):
 it starts at 0; a sleep that ended within `max_ns` (polling longer would have caught
