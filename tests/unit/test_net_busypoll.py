@@ -14,6 +14,7 @@ from hvcore.netpoll import BusyPoll
 from pyhv.errors import PyhvError
 from pyhv.net.config import NetConfig
 from pyhv.net.ports import DgramPort, StreamPort
+from tests.helpers.aio import settle
 
 US = 1000
 
@@ -109,17 +110,11 @@ def test_stream_and_dgram_ports_put_their_socket_in_slot_0(tmp_path):
         await stream.start(lambda frames: None)
         peer = socket.socket(socket.AF_UNIX)
         peer.connect(str(tmp_path / "s"))
-        for _ in range(200):
-            if busy.descriptors()[0] >= 0:
-                break
-            await asyncio.sleep(0.01)
+        await settle(lambda: busy.descriptors()[0] >= 0, timeout=2.0)
         mine = stream.peer.transport.get_extra_info("socket").fileno()
         assert busy.descriptors()[0] == mine
         peer.close()
-        for _ in range(200):
-            if busy.descriptors()[0] < 0:
-                break
-            await asyncio.sleep(0.01)
+        await settle(lambda: busy.descriptors()[0] < 0, timeout=2.0)
         assert busy.descriptors()[0] == -1
         stream.close()
 

@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from pyhv.net.hostsock import HostSocket, Poller
+from tests.helpers.aio import settle
 
 
 class FakeConn:
@@ -46,14 +47,6 @@ class FakeConn:
         self.aborted = True
 
 
-async def until(cond, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 def run(body) -> None:
     async def main():
         with socket.create_server(("127.0.0.1", 0)) as srv:   # a TCP pair on loopback
@@ -81,7 +74,7 @@ def test_data_and_eof_arrive_once_reading_starts():
         await asyncio.sleep(0.05)
         assert not conn.got                     # not reading yet (a forward's flow)
         hs.start_reading()
-        await until(lambda: conn.eof)
+        await settle(lambda: conn.eof)
         assert bytes(conn.got) == b"reply"
 
     run(body)
@@ -118,7 +111,7 @@ def test_reset_while_not_reading_reaches_the_flow(then_write):
         if then_write:
             await asyncio.sleep(0.05)
             hs.write(b"x" * 100000)
-        await until(lambda: conn.lost is not None)
+        await settle(lambda: conn.lost is not None)
         assert hs.fd == -1
 
     run(body)
@@ -150,7 +143,7 @@ def test_a_failing_handler_costs_its_flow_only():
             socks.append(hs)
         for _, peer in pairs:
             peer.sendall(b"data")
-        await until(lambda: bytes(conns[1].got) == b"data")
+        await settle(lambda: bytes(conns[1].got) == b"data")
         assert counters["internal errors"] == 1 and socks[0].fd == -1 and conns[0].aborted
         for hs in socks:
             hs.abort()

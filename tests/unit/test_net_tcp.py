@@ -13,6 +13,7 @@ from pyhv.net import tcp
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.ports import FramePort
 from pyhv.net.stack import Stack
+from tests.helpers.aio import settle
 
 GUEST_MAC = 0x0250_0000_0002
 M32 = 0xFFFFFFFF
@@ -94,14 +95,6 @@ def run(coro_fn, **cfg):
             server.close()
 
     asyncio.run(main())
-
-
-async def settle(cond, timeout=10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_out_of_order_segments_are_reassembled():
