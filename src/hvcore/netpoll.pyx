@@ -53,8 +53,13 @@ cdef class BusyPoll:
         self.fds[i] = fd
 
     def descriptors(self) -> list:
-        """The slots' descriptors (-1: empty), for stats and tests."""
+        """The slots' descriptors (-1: empty)."""
         return [self.fds[i] for i in range(self.nfds)]
+
+    def stats(self) -> dict:
+        """For `pyhv net stats`: the cap, the window now, polls and those that found one."""
+        return {"max us": self.max_ns // 1000, "window us": self.window_ns // 1000,
+                "polls": self.polls, "caught": self.caught}
 
     cpdef adapt(self, long long slept_ns):
         """The loop slept `slept_ns` after a poll that found nothing: grow or shrink."""

@@ -189,7 +189,5 @@ class Stack(StackCore):
         return {"counters": dict(self.counters), "port": self.port.stats(),
                 "tcp": self.tcp.stats(), "udp": self.udp.stats(),
                 "fragments dropped": self.frags.dropped,
-                "busy poll": None if self.busy is None else {
-                    "max us": self.busy.max_ns // 1000, "window us": self.busy.window_ns // 1000,
-                    "polls": self.busy.polls, "caught": self.busy.caught}}
+                "busy poll": None if self.busy is None else self.busy.stats()}
 
