@@ -471,21 +471,27 @@ cdef class FastPath:
         cdef uint8_t *out
         cdef Py_ssize_t n, cap, m, hdr = sizeof(fuse_in_header)
         cdef const fuse_in_header *h
+        cdef bint stream
         with nogil:
             while True:
                 e = ring._next(&rq, &n, &out, &cap)
                 if e < 0:
                     break
                 h = <const fuse_in_header *>rq
-                ring._place(h.opcode == FUSE_READ and n >= hdr + <Py_ssize_t>sizeof(fuse_read_in)
-                            and (<const fuse_read_in *>(rq + hdr)).size >= STREAM_READ)
+                stream = (h.opcode == FUSE_READ and n >= hdr + <Py_ssize_t>sizeof(fuse_read_in)
+                          and (<const fuse_read_in *>(rq + hdr)).size >= STREAM_READ)
+                ring._place(stream)
                 m = self._serve(rq, n, out, cap)
                 if m == 0:
+                    if ring.q.unsubmitted:      # replies held for a burst go before Python's
+                        ring._submit(0)
                     break
                 if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
                     m = reply_header(out, h.unique, ENOSYS, sizeof(fuse_out_header))
                 ring._fill(e, out, m)
                 ring._commit(e)
+                if stream or n >= STREAM_READ:
+                    ring._submit(0)     # bulk data: its reader should not wait for a burst
         return e
 
     def serve_dev(self, int devfd, buf, out, int pipe_r=-1, int pipe_w=-1,

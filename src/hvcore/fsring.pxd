@@ -37,6 +37,7 @@ cdef class FuseRing:
     cdef public bint ended         # the connection is gone (or the ring was refused)
     cdef public int error          # why (errno), 0 for a normal end
     cdef public uint64_t served    # requests answered over this queue
+    cdef public uint64_t enters    # io_uring_enter calls (served / enters: replies per call)
     cdef cpu_set_t own_cpu         # the queue's CPU
     cdef cpu_set_t any_cpu         # the process's CPUs (while streaming READs)
     cdef bint pinned

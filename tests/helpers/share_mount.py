@@ -1,7 +1,8 @@
 """Runs `pyhv share serve` in the background the way users do, and always unmounts.
 
-`ShareMount(hostdir, mountpoint, *args, nofile=N)` starts the server (with RLIMIT_NOFILE
-lowered to N, soft and hard, when given), waits until it reports ready, and on exit
+`ShareMount(hostdir, mountpoint, *args, nofile=N, debug=True)` starts the server (with
+RLIMIT_NOFILE lowered to N, soft and hard, when given; logging at debug level into `log`,
+which `stop()` fills), waits until it reports ready, and on exit
 unmounts lazily (so a failing test never leaves a stuck mount), stops the server, and kills
 it if it does not stop.
 """
@@ -34,9 +35,10 @@ def is_mounted(path: Path, pid: int | str = "self") -> bool:
 
 
 class ShareMount:
-    def __init__(self, hostdir: Path, mountpoint: Path, *args: str, nofile: int | None = None):
+    def __init__(self, hostdir: Path, mountpoint: Path, *args: str, nofile: int | None = None,
+                 debug: bool = False):
         self.hostdir, self.mountpoint, self.args = Path(hostdir), Path(mountpoint), args
-        self.nofile = nofile
+        self.nofile, self.debug = nofile, debug
         self.proc: subprocess.Popen | None = None
         self.log = b""
 
@@ -44,8 +46,8 @@ class ShareMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         r, w = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyhv", "share", "serve", str(self.hostdir), "--mount",
-             str(self.mountpoint), "--ready-fd", str(w), *self.args],
+            [sys.executable, "-m", "pyhv", *(["--debug"] if self.debug else []), "share", "serve",
+             str(self.hostdir), "--mount", str(self.mountpoint), "--ready-fd", str(w), *self.args],
             pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=self._limits if self.nofile else None)
         os.close(w)

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -249,6 +250,28 @@ def test_io_uring_queues_serve_every_cpu(dirs):
             assert (host / f"c{cpu}").read_text() == "x" * (cpu + 1)
         assert share.stop() == 0
     assert b"Traceback" not in share.log and b"ended" not in share.log, share.log
+
+
+@pytest.mark.skipif(URING_REASON is not None, reason=URING_REASON or "")
+def test_a_burst_on_one_cpu_is_answered_in_fewer_system_calls_than_requests(dirs):
+    """Eight clients on CPU 0 (`--cache never`: every stat is a round trip) keep several
+    requests waiting on queue 0; the queue holds its replies until none waits and commits
+    them together, so it makes fewer io_uring_enter calls than it answers requests (one or
+    more per request before). Every client gets its own file's size each time."""
+    host, mnt, _ = dirs
+    for i in range(8):
+        (host / f"f{i}").write_bytes(b"x" * i)
+    code = ("import os, sys\nos.sched_setaffinity(0, {0})\np, n = sys.argv[1], int(sys.argv[2])\n"
+            "assert all(os.stat(p).st_size == n for _ in range(400))\n")
+    with ShareMount(host, mnt, "--cache", "never", debug=True) as share:
+        clients = [subprocess.Popen([sys.executable, "-c", code, str(mnt / f"f{i}"), str(i)])
+                   for i in range(8)]
+        assert [c.wait(120) for c in clients] == [0] * 8
+        assert share.stop() == 0
+    found = re.search(rb"queue 0: (\d+) requests in (\d+) system calls", share.log)
+    assert found, share.log
+    served, enters = int(found[1]), int(found[2])
+    assert served >= 8 * 400 and served > 1.25 * enters, (served, enters)
 
 
 @pytest.mark.skipif(URING_REASON is not None or not os.path.exists(IO_URING_KNOB),

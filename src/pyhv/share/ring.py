@@ -130,7 +130,8 @@ class RingQueues:
         except OSError as e:
             log.warning("FUSE io_uring queue %d: %s", qid, e)
         finally:
-            log.debug("FUSE io_uring queue %d: %d requests", qid, ring.served)
+            log.debug("FUSE io_uring queue %d: %d requests in %d system calls", qid, ring.served,
+                      ring.enters)
             ring.close()
 
     def _serve(self, ring: FuseRing) -> None:
