@@ -109,18 +109,26 @@ def hosts():
     ports = {name: start(s) for name, s in servers.items()}
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)             # so the echo thread sees `done` (close wakes no recvfrom)
+    done = threading.Event()
 
     def udp_echo():
-        while True:
-            data, addr = udp.recvfrom(65536)
+        while not done.is_set():
+            try:
+                data, addr = udp.recvfrom(65536)
+            except TimeoutError:
+                continue
             udp.sendto(data, addr)
 
-    threading.Thread(target=udp_echo, daemon=True).start()
+    echo = threading.Thread(target=udp_echo, daemon=True)
+    echo.start()
     ports["udp"] = udp.getsockname()[1]
     yield ports
     for s in servers.values():
         s.shutdown()
         s.server_close()
+    done.set()
+    echo.join(5)
     udp.close()
 
 
