@@ -20,7 +20,7 @@ $(PY):
 # rebuild the extensions in place after a .pyx change.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(MAKE) deps
-	$(PY) -m pip install -q 'setuptools>=68' wheel 'Cython>=3.0.10,<3.4'
+	$(PY) -m pip install -q 'setuptools>=77' wheel 'Cython>=3.0.10,<3.4'
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	touch $@
 
