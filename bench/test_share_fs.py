@@ -180,8 +180,10 @@ def test_share_rows(mounts, record, benchmark):
             continue
         r = results[name]
         extra = extras.get(name, {})
+        rounds = {f"{kind}_runs": [round(x, 1) for x in v] for kind, v in runs[name].items()}
         record(f"share {name}", unit, pyhv=r["pyhv"], anchor=r["bindfs"], anchor_name="bindfs",
-               native=r["native"], target=1.5, cross_cpu_round_trip_us=wakeup, **extra)
+               native=r["native"], target=1.5, cross_cpu_round_trip_us=wakeup, **extra,
+               **rounds)
 
 
 @pytest.mark.slow
