@@ -8,15 +8,45 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("net_client.py")
 BRIDGE = Path(__file__).with_name("net_bridge.py")
 _ids = itertools.count()
+
+
+@contextmanager
+def udp_echo_server():
+    """A UDP echo server on 127.0.0.1 (its port), on a thread that ends with the block:
+    closing a socket wakes no recvfrom, so the thread polls a stop flag between timeouts."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)
+    done = threading.Event()
+
+    def echo():
+        while not done.is_set():
+            try:
+                data, addr = udp.recvfrom(65536)
+            except TimeoutError:
+                continue
+            udp.sendto(data, addr)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    try:
+        yield udp.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(5)
+        udp.close()
 
 
 def wait_listening(port: int, pid: int | str = "self", timeout: float = 30.0) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.net_ns import CLIENT, ROOT, NetNs, netns_reason
+from tests.helpers.net_ns import CLIENT, ROOT, NetNs, netns_reason, udp_echo_server
 
 GW, ALIAS = "192.168.65.1", "192.168.65.254"
 
@@ -131,21 +131,9 @@ def test_mtu_1500(make_ns, files, offload):
 def test_mtu_1500_carries_datagrams_larger_than_the_mtu(make_ns):
     """Host UDP replies and echo replies over 1500 bytes reach the guest as IP fragments
     (the guest's own fragments are reassembled on the way out)."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-
-    def echo():
-        while True:
-            try:
-                data, addr = udp.recvfrom(65536)
-                udp.sendto(data, addr)
-            except OSError:
-                return
-
-    threading.Thread(target=echo, daemon=True).start()
-    try:
+    with udp_echo_server() as udp_port:
         ns = make_ns("--mtu", "1500")
-        port = str(udp.getsockname()[1])
+        port = str(udp_port)
         for size in ("1472", "1473", "4000", "65000"):
             assert ns.client("udp_echo", ALIAS, port, size).strip() == size
         out = ns.run("busybox", "ping", "-c", "2", "-s", "3000", GW).stdout
@@ -153,8 +141,6 @@ def test_mtu_1500_carries_datagrams_larger_than_the_mtu(make_ns):
         counters = ns.stats()["counters"]
         assert counters["udp datagrams fragmented"] >= 3
         assert counters["fragments"] >= 3
-    finally:
-        udp.close()
 
 
 @pytest.mark.parametrize("transport", ["stream", "dgram"])

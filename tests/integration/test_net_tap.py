@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.helpers.net_ns import NetNs, netns_reason, wait_listening
+from tests.helpers.net_ns import NetNs, netns_reason, udp_echo_server, wait_listening
 
 GW, ALIAS, GUEST = "192.168.65.1", "192.168.65.254", "192.168.65.2"
 BIG = 100 * 1000 * 1000
@@ -107,29 +107,12 @@ def hosts():
     servers["http"] = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
     servers["http"].block = hashlib.sha256(b"pyhv").digest() * 31250     # 1 MB
     ports = {name: start(s) for name, s in servers.items()}
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    udp.settimeout(0.2)             # so the echo thread sees `done` (close wakes no recvfrom)
-    done = threading.Event()
-
-    def udp_echo():
-        while not done.is_set():
-            try:
-                data, addr = udp.recvfrom(65536)
-            except TimeoutError:
-                continue
-            udp.sendto(data, addr)
-
-    echo = threading.Thread(target=udp_echo, daemon=True)
-    echo.start()
-    ports["udp"] = udp.getsockname()[1]
-    yield ports
+    with udp_echo_server() as udp_port:
+        ports["udp"] = udp_port
+        yield ports
     for s in servers.values():
         s.shutdown()
         s.server_close()
-    done.set()
-    echo.join(5)
-    udp.close()
 
 
 @pytest.fixture(scope="module")
