@@ -483,8 +483,7 @@ cdef class FastPath:
                 ring._place(stream)
                 m = self._serve(rq, n, out, cap)
                 if m == 0:
-                    if ring.q.unsubmitted:      # replies held for a burst go before Python's
-                        ring._submit(0)
+                    ring._submit(0)     # replies held for a burst go before Python's turn
                     break
                 if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
                     m = reply_header(out, h.unique, ENOSYS, sizeof(fuse_out_header))

@@ -205,8 +205,11 @@ cdef class FuseRing:
 
     cdef int _submit(self, bint wait) noexcept nogil:
         """Publish the prepared entries and submit them; with `wait`, sleep until a
-        completion is there (task work, the kernel's copies into our buffers, runs here)."""
+        completion is there (task work, the kernel's copies into our buffers, runs here).
+        Without `wait` and with nothing prepared there is nothing to do (no system call)."""
         cdef long r
+        if not self.q.unsubmitted and not wait:
+            return 0
         if self.q.unsubmitted:
             aq_store_release(self.q.sq_tail, self.q.tail)
         while True:
