@@ -16,17 +16,41 @@ from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, OFF_MASK, Q2, RT_MA
 from hvcore.qcow2_l2 cimport do_flush, l2_get
 from hvcore.qcow2_refcount cimport rc_set, rebuild_refcounts, stored_rc
 
-cdef void ref(Q2 *q, uint32_t *refs, uint64_t nb, uint64_t off, uint64_t length,
-                     list recs):
+cdef void ref(Q2 *q, uint32_t *refs, uint64_t off, uint64_t length, list recs):
     cdef uint64_t c
     if length == 0:
         return
-    if off + length > nb << q.cluster_bits:
+    # as qemu-img: the last cluster may lie partly past the end of the file, by less than
+    # a cluster (so `refs` holds one entry more than the file has clusters)
+    if off + length > q.file_end and off + length - q.file_end >= q.cluster_size:
         recs.append(("outside", off, length, 0))
         return
+    cdef uint64_t top = min(q.rc_max, 0xffffffffU)
     for c in range(off >> q.cluster_bits, ((off + length - 1) >> q.cluster_bits) + 1):
-        if refs[c] < 0xffffffffU:
+        if refs[c] < top:
             refs[c] += 1
+        else:                   # as qemu-img: a count the refcount width cannot hold
+            recs.append(("overflow", c << q.cluster_bits, 0, 0))
+
+
+cdef int32_t _l2_slot(Q2 *q, uint64_t l1i) except -1:
+    cdef int32_t s = l2_get(q, l1i, False)
+    if s < 0:
+        q2_raise(q, -1)
+    return s
+
+
+cdef uint64_t _l2_entry(Q2 *q, uint64_t l1i, uint64_t l2i) except? 0:
+    cdef int32_t s = _l2_slot(q, l1i)
+    return be64toh((<uint64_t*>q.l2.buf[s])[l2i * q.ewords])
+
+
+cdef int _set_l2_entry(Q2 *q, uint64_t l1i, uint64_t l2i, uint64_t entry) except -1:
+    """Change one entry through the L2 cache (written back by the check's flush)."""
+    cdef int32_t s = _l2_slot(q, l1i)
+    (<uint64_t*>q.l2.buf[s])[l2i * q.ewords] = htobe64(entry)
+    q.l2.dirty[s] = 1
+    return 0
 
 
 cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
@@ -42,14 +66,14 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
     cdef uint64_t i, j, e, off, bm, l1e, coff, nsect, csz, c, prev = 0, top = 0
     cdef int64_t stored
     cdef int rc
-    cdef int32_t s
     cdef uint64_t allocated = 0, fragmented = 0, compressed = 0
     recs = []
     copied_fix = []
+    zero_fix = []
     if not q.readonly:
         rc = do_flush(q, )
         q2_raise(q, rc)
-    refs = <uint32_t*>calloc(max(nb, 1), 4)
+    refs = <uint32_t*>calloc(nb + 1, 4)
     l2t = <uint64_t*>malloc(q.cluster_size)
     if refs == NULL or l2t == NULL:
         free(refs)
@@ -57,8 +81,8 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
         raise MemoryError()
     try:
         for off, length in fixed:
-            ref(q, refs, nb, off, length, recs)
-        ref(q, refs, nb, q.rt_offset, q.rt_n * 8, recs)
+            ref(q, refs, off, length, recs)
+        ref(q, refs, q.rt_offset, q.rt_n * 8, recs)
         for i in range(q.rt_n):
             off = q.rt[i] & RT_MASK
             if off == 0:
@@ -68,9 +92,9 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
             elif off + q.cluster_size > q.file_end:
                 recs.append(("rb_outside", i, off, 0))
             else:
-                ref(q, refs, nb, off, q.cluster_size, recs)
+                ref(q, refs, off, q.cluster_size, recs)
         for l1off, l1n, active in l1_tables:
-            ref(q, refs, nb, l1off, l1n * 8, recs)
+            ref(q, refs, l1off, l1n * 8, recs)
             l1t = <uint64_t*>malloc(max(l1n, 1) * 8)
             if l1t == NULL:
                 raise MemoryError()
@@ -88,7 +112,7 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                     if off + q.cluster_size > q.file_end:
                         recs.append(("outside", off, q.cluster_size, 0))
                         continue
-                    ref(q, refs, nb, off, q.cluster_size, recs)
+                    ref(q, refs, off, q.cluster_size, recs)
                     if active:
                         stored = stored_rc(q, off >> q.cluster_bits)
                         if (stored == 1) != bool(l1e & COPIED):
@@ -106,7 +130,7 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                             if coff >= q.file_end:
                                 recs.append(("outside", coff, csz, 0))
                             else:
-                                ref(q, refs, nb, coff,
+                                ref(q, refs, coff,
                                          min(csz, (nb << q.cluster_bits) - coff), recs)
                             if active:
                                 allocated += 1
@@ -119,9 +143,17 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                         if off == 0:
                             continue
                         if off & q.cmask:
-                            recs.append(("data_align", off, 0, 0))
-                            continue
-                        ref(q, refs, nb, off, q.cluster_size, recs)
+                            # as qemu-img: an entry without data is made a zero cluster
+                            # (with -r all); one with data cannot be repaired, and its
+                            # (unaligned) range still counts as referenced
+                            has_data = (bm & ALL_ALLOC) if q.extended else not (e & ZEROF)
+                            if not has_data and fix == 2 and active:
+                                recs.append(("prealloc_fixed", off, 0, 0))
+                                zero_fix.append((i, j))
+                                continue
+                            recs.append(("data_align" if has_data else "prealloc_align",
+                                         off, 0, 0))
+                        ref(q, refs, off, q.cluster_size, recs)
                         if active:
                             if not (e & ZEROF) or q.extended:
                                 allocated += 1
@@ -151,8 +183,16 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                 "rb_outside": lambda: f"ERROR refcount block {a} is outside image",
                 "l2_align": lambda: f"ERROR l2_offset={b:x}: Table is not cluster aligned; "
                                     "L1 entry corrupted",
-                "data_align": lambda: f"ERROR offset={a:x}: Cluster is not properly "
+                "data_align": lambda: f"ERROR offset={a:x}: Data cluster is not properly "
                                       "aligned; L2 entry corrupted.",
+                "prealloc_align": lambda: f"ERROR offset={a:x}: Preallocated cluster is not "
+                                          "properly aligned; L2 entry corrupted.",
+                "prealloc_fixed": lambda: f"Repairing offset={a:x}: Preallocated cluster is "
+                                          "not properly aligned; L2 entry corrupted.",
+                "overflow": lambda: f"ERROR: overflow cluster offset={a:#x}\nUse qemu-img "
+                                    "amend to increase the refcount entry width or qemu-img "
+                                    "convert to create a clean copy if the image cannot be "
+                                    "opened for writing",
                 "copied_l2": lambda: f"{label} OFLAG_COPIED L2 cluster: l1_index={a} "
                                      f"l1_entry={b:x} refcount={d}",
                 "copied_data": lambda: f"{label} OFLAG_COPIED data cluster: l2_entry={a:x} "
@@ -162,9 +202,15 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
             }[kind]()
             if kind.startswith("copied"):
                 copied_msgs.append(text)
+            elif kind == "prealloc_fixed":
+                msgs.append(text)
             else:
                 corruptions += 1
                 msgs.append(text)
+        if refs[nb]:
+            nb += 1                     # a reference into the file's partial last cluster
+        for l1i, l2i in zero_fix:       # (an extended entry keeps its zero bits)
+            _set_l2_entry(q, l1i, l2i, 0 if q.extended else ZEROF)
         for i in range(q.rt_n):          # a refcount block shared with anything else
             off = q.rt[i] & RT_MASK
             if off and not off & q.cmask and off + q.cluster_size <= q.file_end and \
@@ -243,6 +289,7 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                     leaks += 1
                 else:
                     corruptions += 1
+        fixed_errors += len(zero_fix)
         if fix and (fixed_leaks or fixed_errors):
             copied_fix = []             # judged again once the refcounts are right
         else:
@@ -250,18 +297,14 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
             corruptions += len(copied_msgs)
         if fix == 2 and copied_fix:
             # flags follow refcounts: fixed on a pass that found the refcounts right
-            for i, j, want in copied_fix:
-                if j < 0:
-                    q.l1[i] = (q.l1[i] | COPIED) if want else (q.l1[i] & ~COPIED)
+            # (Python integers: an L1 entry's fix has the L2 index -1)
+            for l1i, l2i, want in copied_fix:
+                if l2i < 0:
+                    q.l1[l1i] = (q.l1[l1i] | COPIED) if want else (q.l1[l1i] & ~COPIED)
                     q.l1_dirty = True
                 else:
-                    s = l2_get(q, i, False)
-                    if s < 0:
-                        q2_raise(q, -1)
-                    e = be64toh((<uint64_t*>q.l2.buf[s])[j * q.ewords])
-                    e = (e | COPIED) if want else (e & ~COPIED)
-                    (<uint64_t*>q.l2.buf[s])[j * q.ewords] = htobe64(e)
-                    q.l2.dirty[s] = 1
+                    e = _l2_entry(q, l1i, l2i)
+                    _set_l2_entry(q, l1i, l2i, (e | COPIED) if want else (e & ~COPIED))
                 corruptions -= 1
                 fixed_errors += 1
         if fix and (fixed_leaks or fixed_errors):

@@ -10,7 +10,9 @@ from pyhv.disk.errors import DiskError
 FIX = {None: 0, "leaks": 1, "all": 2}
 
 
-def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[str, int]:
+def check(path: str, fmt: str | None, repair: str | None,
+          output: str) -> tuple[str, str, int]:
+    """(what qemu-img prints on stderr: each error and repair, its report, exit status)."""
     if repair not in FIX:
         raise DiskError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     with pyhv.disk.open(path, fmt, readonly=repair is None, backing=False,
@@ -19,10 +21,11 @@ def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[
             raise DiskError("This image format does not support checks")
         result = disk.check(FIX[repair])
         pre = ""
-        if repair and (result["fixed_leaks"] or result["fixed_corruptions"]):
+        fixed_leaks, fixed_corruptions = result["fixed_leaks"], result["fixed_corruptions"]
+        if repair and (fixed_leaks or fixed_corruptions):
             pre = ("The following inconsistencies were found and repaired:\n\n"
-                   f"    {result['fixed_leaks']} leaked clusters\n"
-                   f"    {result['fixed_corruptions']} corruptions\n\n"
+                   f"    {fixed_leaks} leaked clusters\n"
+                   f"    {fixed_corruptions} corruptions\n\n"
                    "Double checking the fixed image now...\n")
             first = result
             result = disk.check(0)
@@ -30,8 +33,13 @@ def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[
         total = -(-disk.size // disk.header.cluster_size)
     status = 2 if result["corruptions"] else 3 if result["leaks"] else 0
     if output == "json":
-        out = {"image-end-offset": result["image_end_offset"], "total-clusters": total,
-               "check-errors": 0}
+        # qemu-img's key order; the -fixed counts only when something was repaired
+        out = {"image-end-offset": result["image_end_offset"], "total-clusters": total}
+        if fixed_corruptions:
+            out["corruptions-fixed"] = fixed_corruptions
+        out["check-errors"] = 0
+        if fixed_leaks:
+            out["leaks-fixed"] = fixed_leaks
         if result["allocated_clusters"]:
             out["allocated-clusters"] = result["allocated_clusters"]
         out["filename"] = path
@@ -44,8 +52,8 @@ def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[
             out["fragmented-clusters"] = result["fragmented_clusters"]
         if result["compressed_clusters"]:
             out["compressed-clusters"] = result["compressed_clusters"]
-        return json.dumps(out, indent=4), status
-    lines = list(result["messages"])
+        return "\n".join(result["messages"]), json.dumps(out, indent=4), status
+    lines = []
     if pre:
         lines.append(pre.rstrip("\n"))
     if result["corruptions"]:
@@ -62,4 +70,4 @@ def check(path: str, fmt: str | None, repair: str | None, output: str) -> tuple[
                      f"{result['fragmented_clusters'] * 100 / alloc:.2f}% fragmented, "
                      f"{result['compressed_clusters'] * 100 / alloc:.2f}% compressed clusters")
     lines.append(f"Image end offset: {result['image_end_offset']}")
-    return "\n".join(lines), status
+    return "\n".join(result["messages"]), "\n".join(lines), status

@@ -51,6 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("-f", dest="fmt")
     p.add_argument("-O", dest="out_fmt", default="raw")
     p.add_argument("-c", dest="compress", action="store_true")
+    p.add_argument("-m", dest="workers", type=_workers, default=8,
+                   help="parallel workers (qemu-img's coroutines), 1-16")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-S", dest="sparse", default="4k")
     p.add_argument("-t", dest="cache", default="unsafe",
@@ -162,10 +164,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pyhv.disk.check import check
 
     try:
-        text, status = check(args.filename, args.fmt, args.repair, args.output)
+        errors, text, status = check(args.filename, args.fmt, args.repair, args.output)
     except PyhvError as e:
         print(f"pyhv: {e}", file=sys.stderr)
         return 1
+    if errors:
+        print(errors, file=sys.stderr, flush=True)
     if not args.quiet:
         print(text)
     return status
@@ -178,13 +182,21 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    n = int(text) if text.isdigit() else 0
+    if not 1 <= n <= 16:
+        raise argparse.ArgumentTypeError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return n
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from pyhv.disk.cliutil import parse_size
     from pyhv.disk.convert import convert
 
     convert(args.source, args.target, args.fmt, args.out_fmt, args.compress,
             args.progress and not args.quiet, parse_size(args.sparse), _options(args),
-            args.cache)
+            args.cache, args.workers)
     return 0
 
 

@@ -1,13 +1,30 @@
 """Cluster compression codecs for qcow2: zlib (raw deflate, 4 KiB window as QEMU writes
-it) and zstd. Each call handles one whole cluster; the byte work is in zlib/zstd."""
+it) and zstd. Each call handles one whole cluster; the byte work is in zlib/zstd.
+
+zstd contexts are not thread-safe (a shared `ZstdCompressor` used from convert's worker
+threads wrote corrupt clusters and crashed), so every thread gets its own context."""
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections.abc import Callable
 
 import zstandard
 
 from pyhv.disk.errors import DiskError
+
+
+def _per_thread(make: Callable[[], object]) -> Callable[[], object]:
+    """A getter that returns the calling thread's own instance, made on first use."""
+    local = threading.local()
+
+    def get():
+        obj = getattr(local, "obj", None)
+        if obj is None:
+            obj = local.obj = make()
+        return obj
+    return get
 
 
 def decompressor(kind: str):
@@ -23,11 +40,11 @@ def decompressor(kind: str):
             return len(out)
         return inflate
     if kind == "zstd":
-        zd = zstandard.ZstdDecompressor()
+        zd = _per_thread(zstandard.ZstdDecompressor)
 
         def unzstd(src: memoryview, dst: memoryview) -> int:
             try:
-                out = zd.decompressobj().decompress(bytes(src))
+                out = zd().decompressobj().decompress(bytes(src))
             except zstandard.ZstdError as e:
                 raise DiskError(f"qcow2: corrupt zstd-compressed cluster ({e})") from None
             n = min(len(out), len(dst))
@@ -38,13 +55,17 @@ def decompressor(kind: str):
 
 
 def compressor(kind: str):
-    """fn(cluster bytes) -> compressed bytes, in the form QEMU reads."""
+    """fn(cluster bytes) -> compressed bytes, in the form QEMU reads; safe to call from
+    several threads at once."""
     if kind == "zlib":
         def deflate(data) -> bytes:
             c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
             return c.compress(data) + c.flush()
         return deflate
     if kind == "zstd":
-        zc = zstandard.ZstdCompressor(level=3, write_content_size=False)
-        return zc.compress
+        zc = _per_thread(lambda: zstandard.ZstdCompressor(level=3, write_content_size=False))
+
+        def zstd(data) -> bytes:
+            return zc().compress(data)
+        return zstd
     raise DiskError(f"unknown compression type {kind!r}")

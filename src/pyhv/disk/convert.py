@@ -10,7 +10,6 @@ zstd release the GIL)."""
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +35,10 @@ def data_extents(disk, size: int):
 
 def convert(src: str, dst: str, src_fmt: str | None, dst_fmt: str, compress: bool,
             progress: bool, sparse: int, options: dict[str, str],
-            cache: str = "unsafe") -> None:
+            cache: str = "unsafe", workers: int = 8) -> None:
     """qemu-img's default target cache for convert is 'unsafe': writes keep their crash-safe
-    order but nothing is synced; any other mode syncs at the end."""
+    order but nothing is synced; any other mode syncs at the end. `workers` compress in
+    parallel (qemu-img's `-m` coroutines)."""
     if compress and dst_fmt != "qcow2":
         raise DiskError("Compression not supported for this file format")
     if sparse and sparse % 512:
@@ -49,7 +49,7 @@ def convert(src: str, dst: str, src_fmt: str | None, dst_fmt: str, compress: boo
         with pyhv.disk.open(dst, dst_fmt) as d:
             if d.format == "qcow2":
                 d.core.unsafe_cache = cache == "unsafe"
-            _copy(s, d, size, compress, Progress(progress, size), sparse)
+            _copy(s, d, size, compress, Progress(progress, size), sparse, workers)
             if cache != "unsafe":
                 d.flush()
 
@@ -165,7 +165,8 @@ def _fill_raw(s, size: int):
     return fill
 
 
-def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int) -> None:
+def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int,
+          workers: int) -> None:
     cs = d.core.cluster_size if d.format == "qcow2" else 4096
     if s.format == "raw" and not compress:
         fill = _fill_raw(s, size)
@@ -173,7 +174,7 @@ def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int) -> None:
         fill = _fill_generic(s, _batches(_ranges(s, size, cs if compress else 1), CHUNK))
     reader = _Reader(fill)
     squeeze = compressor(_ctype(d)) if compress else None
-    pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2)) if compress else None
+    pool = ThreadPoolExecutor(workers) if compress else None
     done = 0
     reader.start()
     try:

@@ -115,6 +115,9 @@ def _create_qcow2(path: str, size: int, o: dict[str, str], backing: str | None,
     order = rbits.bit_length() - 1
     entries = cs // (16 if extl2 else 8)
     l1_size = max(1, -(-size // (cs * entries)))
+    if l1_size * 8 > hdr.MAX_L1_BYTES:          # qemu-img could not open it
+        raise DiskError(f"{path}: The image size is too large for file format 'qcow2' "
+                        "(try using a larger cluster size)")
     l1_clusters = -(-l1_size * 8 // cs)
     per_block = cs * 8 // rbits
     rt_clusters, blocks = 1, 1

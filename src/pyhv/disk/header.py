@@ -149,6 +149,8 @@ def parse(data: bytes, file_size: int) -> Header:
     need_l1 = -(-h.size // (cs * entries))
     if h.l1_size * 8 > MAX_L1_BYTES:
         raise DiskError(f"active L1 table too large ({h.l1_size} entries)")
+    if need_l1 > 0x7fffffff:
+        raise DiskError("Image is too big")
     if h.l1_size < need_l1:
         raise DiskError(f"L1 table too small ({h.l1_size} entries for {h.size} bytes)")
     if h.l1_table_offset % cs or (h.l1_size and h.l1_table_offset == 0):

@@ -1,8 +1,9 @@
 """qcow2 images: header policy, snapshots, backing chains and repairs around hvcore.qcow2.
 
 The Cython core does the cluster work; this module decides how an image may be opened
-(corrupt bit -> read-only, dirty bit -> refcount rebuild, unknown autoclear bits cleared
-before the first write) and how whole-range operations split into core calls.
+(corrupt bit -> read-only opens and repairs only, dirty bit -> refcount rebuild, unknown
+autoclear bits cleared before the first write) and how whole-range operations split into
+core calls.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ class Qcow2Disk:
               rb_cache_size: int) -> None:
         file_size = os.fstat(self.fd).st_size
         self.header = h = hdr.parse(os.pread(self.fd, HEADER_READ, 0), file_size)
-        if h.incompatible & hdr.INCOMPAT_CORRUPT and not readonly:
-            warn(f"{self.path} is marked corrupt; opening it read-only "
-                 "(run `pyhv img check -r all`)")
-            readonly = True
+        if h.incompatible & hdr.INCOMPAT_CORRUPT and not readonly and not repair:
+            # as QEMU: only a repair may write to it (and clears the bit when it succeeds)
+            raise DiskError(f"Could not open '{self.path}': qcow2: Image is corrupt; "
+                            "cannot be opened read/write")
         self.readonly = readonly
         self.snapshots, snap_len = hdr.parse_snapshots(
             lambda off, n: os.pread(self.fd, n, off), h, file_size)
@@ -170,6 +171,9 @@ class Qcow2Disk:
                 again[key] += result[key]
             again["messages"] = result["messages"] + again["messages"]
             result = again
+        if fix and not result["corruptions"] and h.incompatible & hdr.INCOMPAT_CORRUPT:
+            h.incompatible &= ~hdr.INCOMPAT_CORRUPT     # repaired: writable again
+            self.write_header()
         return result
 
     def rebuild_refcounts(self) -> None:
@@ -182,6 +186,8 @@ class Qcow2Disk:
 
     def resize(self, size: int, shrink: bool = False) -> None:
         core = self.core
+        if self.readonly:
+            raise DiskError(f"{self.path}: cannot resize an image opened read-only")
         if size < core.size:
             if not shrink:
                 raise DiskError("Use the --shrink option to perform a shrink operation.")
@@ -194,6 +200,8 @@ class Qcow2Disk:
         old = core.size
         entries = core.cluster_size // (16 if core.extended else 8)
         need = -(-size // (core.cluster_size * entries))
+        if need * 8 > hdr.MAX_L1_BYTES:
+            raise DiskError("Failed to grow the L1 table: File too large")
         if need > core.l1_size:
             core.grow_l1(need)
         core.set_size(size)
