@@ -6,9 +6,12 @@ from pathlib import Path
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# Every src/hvcore/*.pyx is one extension module.
-MODULES = sorted(p.stem for p in Path(__file__).parent.joinpath("src", "hvcore").glob("*.pyx"))
-# PYHV_MODULES=qcow2,netpkt builds only those (quick rebuilds while working on one part).
+# Every .pyx under src/hvcore is one extension module, named by its path (net/tcp.pyx is
+# hvcore.net.tcp).
+HVCORE = Path(__file__).parent.joinpath("src", "hvcore")
+MODULES = sorted(".".join(p.relative_to(HVCORE).with_suffix("").parts)
+                 for p in HVCORE.rglob("*.pyx"))
+# PYHV_MODULES=qcow2,net.packet builds only those (quick rebuilds while working on one part).
 if os.environ.get("PYHV_MODULES"):
     MODULES = [m for m in MODULES if m in os.environ["PYHV_MODULES"].split(",")]
 
@@ -17,7 +20,7 @@ debug = os.environ.get("PYHV_DEBUG") == "1"
 extensions = [
     Extension(
         f"hvcore.{name}",
-        [f"src/hvcore/{name}.pyx"],
+        [f"src/hvcore/{name.replace('.', '/')}.pyx"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
         + (["-g", "-O0"] if debug else []),
     )

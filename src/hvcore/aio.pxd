@@ -47,7 +47,7 @@ ctypedef struct AioQ:
     io_event *events
 
 
-# the io_uring mapping alone (hvcore.fsring drives its own commands over it); SQE128 rings
+# the io_uring mapping alone (hvcore.fs.ring drives its own commands over it); SQE128 rings
 # (IORING_SETUP_SQE128) have 128-byte entries: index `sqes` in bytes
 cdef int uring_setup(AioQ *a, unsigned entries, unsigned flags) noexcept nogil
 cdef void uring_close(AioQ *a) noexcept nogil

@@ -156,7 +156,7 @@ def serve_peer(port: str) -> None:
 
 def frames(ifname: str, gw_ip: str, guest_ip: str) -> None:
     """Bad input: malformed frames of every kind, fragment and SYN floods, from the TAP."""
-    from hvcore import netpkt
+    from hvcore.net import packet as netpkt
 
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((ifname, 0))

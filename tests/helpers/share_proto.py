@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")
 OUT_HEADER = struct.Struct("=IiQ")

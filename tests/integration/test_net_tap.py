@@ -143,7 +143,7 @@ def test_tcp_echo_and_udp_echo(ns, hosts):
 
 
 def test_busy_poll_is_on_by_default_and_can_be_turned_off(ns, hosts, tmp_path):
-    """The TAP port polls up to 50 us after events by default (`hvcore.netpoll`);
+    """The TAP port polls up to 50 us after events by default (`hvcore.net.busypoll`);
     `--busy-poll 0` serves without it, just as well."""
     assert ns.stats()["busy poll"]["max us"] == 50
     off = NetNs(tmp_path, "--busy-poll", "0")

@@ -1,4 +1,4 @@
-"""hvcore.netpoll.BusyPoll: the adaptive window (KVM halt-polling's rules) and the poll
+"""hvcore.net.busypoll.BusyPoll: the adaptive window (KVM halt-polling's rules) and the poll
 itself on real descriptors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from hvcore.netpoll import BusyPoll
+from hvcore.net.busypoll import BusyPoll
 from pyhv.errors import PyhvError
 from pyhv.net.config import NetConfig
 from pyhv.net.ports import DgramPort, StreamPort

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from pyhv.net.hostsock import HostSocket, Poller
+from hvcore.net.hostsock import HostSocket, Poller
 from tests.helpers.aio import settle
 
 

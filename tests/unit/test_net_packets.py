@@ -1,4 +1,4 @@
-"""hvcore.netpkt: frames built by Builder parse back; malformed frames are dropped with a
+"""hvcore.net.packet: frames built by Builder parse back; malformed frames are dropped with a
 reason, never raise; checksums agree with a straightforward Python RFC 1071 sum."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcore import netpkt as n
+from hvcore.net import packet as n
 
 GW_MAC, GUEST_MAC = 0x0250_0000_0001, 0x0250_0000_0002
 GW, GUEST = 0xC0A8_4101, 0xC0A8_4102

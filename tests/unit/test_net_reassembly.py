@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcore.netpkt import Reassembly
-from pyhv.net.reassembly_ref import ReassemblyRef
+from hvcore.net.packet import Reassembly
+from tests.helpers.net_reassembly_ref import ReassemblyRef
 
 IMPLS = [Reassembly, ReassemblyRef]
 BASE = (1 << 32) - 100          # unwrapped sequence numbers across the 32-bit wrap

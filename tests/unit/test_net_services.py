@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from hvcore import netpkt as n
+from hvcore.net import packet as n
 from pyhv.errors import PyhvError
 from pyhv.net.config import Forward, NetConfig, parse_forward, parse_upstream
 from pyhv.net.dhcp import parse_options

@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from hvcore import netpkt as n
-from pyhv.net import tcp
+from hvcore.net import packet as n
+from hvcore.net import tcp
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.ports import FramePort
 from pyhv.net.stack import Stack

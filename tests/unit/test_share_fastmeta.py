@@ -1,4 +1,4 @@
-"""The C fast path (hvcore.fsfast, reached through `FuseServer.handle`) answers exactly as the
+"""The C fast path (hvcore.fs.fastpath, reached through `FuseServer.handle`) answers exactly as the
 Python handlers (`FuseServer.dispatch`) do: the same request sent both ways gets the same
 reply bytes, for every server mode (file handles, a one-descriptor cache, descriptors only,
 an id-mapped share) and for errors too."""
@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 from pyhv.share.idmap import IdMap
 from pyhv.share.options import ShareOptions
 from pyhv.share.server import FuseServer

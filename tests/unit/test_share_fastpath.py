@@ -1,4 +1,4 @@
-"""hvcore.fsfiles.FileTable: READ / WRITE answered in C from the request buffer. Anything it
+"""hvcore.fs.files.FileTable: READ / WRITE answered in C from the request buffer. Anything it
 does not answer (unknown or stale handles, odd sizes, other opcodes) is left to the Python
 handler (it returns 0), and no input makes it read or write outside its buffers."""
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcore import fuseproto as fp
-from hvcore.fsfiles import FileTable
+from hvcore.fs import proto as fp
+from hvcore.fs.files import FileTable
 from tests.helpers.share_proto import IN_HEADER, reply, request
 
 IO_IN = struct.Struct("=QQIIQII")       # fuse_read_in / fuse_write_in (40 bytes)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 from pyhv.share.options import ShareOptions
 from pyhv.share.server import FuseServer
 from tests.helpers.share_proto import IN_HEADER, init_request, nodeid_of, reply, request

@@ -1,4 +1,4 @@
-"""hvcore.fuseproto: request decoding is bounds-checked, replies have the kernel's layout."""
+"""hvcore.fs.proto: request decoding is bounds-checked, replies have the kernel's layout."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcore import fsops as fs
-from hvcore import fuseproto as fp
-from pyhv.share import protoref
+from hvcore.fs import ops as fs
+from hvcore.fs import proto as fp
+from tests.helpers import share_protoref as protoref
 from tests.helpers.share_proto import IN_HEADER, request
 
 
 @pytest.fixture(params=["cython", "python"])
 def decode(request):
-    """Every decoder case runs over hvcore.fuseproto and its pure-Python twin."""
+    """Every decoder case runs over hvcore.fs.proto and its pure-Python twin."""
     return fp.decode if request.param == "cython" else protoref.decode
 
 

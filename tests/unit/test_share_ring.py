@@ -1,4 +1,4 @@
-"""hvcore.fsring on its own: bad arguments, and a queue the kernel refuses (a descriptor that
+"""hvcore.fs.ring on its own: bad arguments, and a queue the kernel refuses (a descriptor that
 is no FUSE device) ends with the kernel's errno instead of hanging or crashing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from hvcore.fsring import FuseRing
+from hvcore.fs.ring import FuseRing
 from pyhv.share.options import ShareOptions
 from pyhv.share.server import FuseServer
 

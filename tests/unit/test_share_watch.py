@@ -1,4 +1,4 @@
-"""The host watch in C (hvcore.fswatch): the server's own creates and unlinks never come
+"""The host watch in C (hvcore.fs.watch): the server's own creates and unlinks never come
 back as invalidations, host-made ones do, each once."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 import threading
 import time
 
-from hvcore import fuseproto as fp
-from hvcore.fswatch import OwnChanges
+from hvcore.fs import proto as fp
+from hvcore.fs.watch import OwnChanges
 from pyhv.share.options import ShareOptions
 from pyhv.share.server import FuseServer
 from pyhv.share.watch import HostWatch

@@ -1,4 +1,4 @@
-# C declarations from <linux/fuse.h> (the FUSE wire protocol): only what hvcore.fuseproto uses.
+# C declarations from <linux/fuse.h> (the FUSE wire protocol): only what hvcore.fs.proto uses.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
 

@@ -52,7 +52,7 @@ class NetConfig:
     udp_queue: int = 16
     max_fragments: int = 64
     fragment_timeout: float = 15.0
-    busy_poll_us: int = 50              # poll this long after events (0: off), netpoll
+    busy_poll_us: int = 50              # poll this long after events (0: off), net.busypoll
 
     def __post_init__(self) -> None:
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from hvcore.netpkt import checksum
+from hvcore.net.packet import checksum
 
 MAX_DATAGRAM = 65535
 

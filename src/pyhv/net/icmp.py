@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 
-from hvcore.netpkt import checksum
+from hvcore.net.packet import checksum
 
 IDLE = 30.0
 

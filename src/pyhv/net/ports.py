@@ -10,7 +10,7 @@ A port never queues without bound: a frame it cannot pass on at once is dropped 
 counted (`dropped`), as a full NIC queue would.
 
 Implementations: `FdPort` (a TAP fd: one frame per read/write, a batch per call through
-`hvcore.netio`), `StreamPort` (QEMU `-netdev stream`: unix stream socket, 4-byte big-endian
+`hvcore.net.ports`), `StreamPort` (QEMU `-netdev stream`: unix stream socket, 4-byte big-endian
 length before each frame) and
 `DgramPort` (unix datagram socket, one frame per datagram; vfkit/krunkit style).
 """
@@ -23,8 +23,8 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from hvcore.netio import FrameFd
-from hvcore.netpoll import BusyPoll
+from hvcore.net.busypoll import BusyPoll
+from hvcore.net.ports import FrameFd
 
 Deliver = Callable[[list[bytes]], None]
 MAX_FRAME = 65536 + 16
@@ -43,7 +43,7 @@ class FramePort:
         self.busy: BusyPoll | None = None
 
     def poll_with(self, busy: BusyPoll) -> None:
-        """Busy-poll (`hvcore.netpoll`) after each batch read, with this port's descriptor
+        """Busy-poll (`hvcore.net.busypoll`) after each batch read, with this port's descriptor
         in `busy`'s slot 0 while it has one."""
         self.busy = busy
 
@@ -64,7 +64,7 @@ class FramePort:
 
 class FdPort(FramePort):
     """A non-blocking fd that reads and writes one frame per call (a TAP device). Reading,
-    writing and counting are `hvcore.netio.FrameFd`'s (C calls: its `send` is this
+    writing and counting are `hvcore.net.ports.FrameFd`'s (C calls: its `send` is this
     port's `send`)."""
 
     def __init__(self, fd: int, offload: bool = False):

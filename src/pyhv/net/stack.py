@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from hvcore import netpkt
-from hvcore.netbuild import Builder
-from hvcore.netpkt import ARP, FRAGMENT, IPV4, OTHER
-from hvcore.netpoll import BusyPoll
-from hvcore.nettcp import StackCore, syns_first  # noqa: F401  (syns_first: re-exported)
+from hvcore.net import packet as netpkt
+from hvcore.net.builder import Builder
+from hvcore.net.busypoll import BusyPoll
+from hvcore.net.packet import ARP, FRAGMENT, IPV4, OTHER
+from hvcore.net.tcp import StackCore, syns_first  # noqa: F401  (syns_first: re-exported)
 from pyhv.net.config import GATEWAY_MAC, NetConfig
 from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
@@ -66,7 +66,7 @@ class Stack(StackCore):
         self.tcp.start()
         self.udp.start()
         if self.cfg.busy_poll_us:
-            # the port and the host sockets: polled a while after each event (netpoll)
+            # the port and the host sockets: polled a while after each event (net.busypoll)
             self.busy = BusyPoll([-1, self.tcp.poller.epfd], self.cfg.busy_poll_us * 1000)
             self.port.poll_with(self.busy)
             self.tcp.poller.busy = self.busy

@@ -7,28 +7,33 @@ times out (as VPNKit and gvproxy do). Connects in flight are limited in total an
 destination, so one black-holed destination never stalls connections to others.
 
 The connect is a non-blocking `connect()` made while handling the SYN
-(`hvcore.nethost.connect_tcp`, on a raw descriptor): to a loopback or
+(`hvcore.net.hostsock.connect_tcp`, on a raw descriptor): to a loopback or
 otherwise fast peer it has completed when the call returns (getpeername() tells), so the
 SYN-ACK (or RST) leaves in the same loop iteration; otherwise the socket waits for
 writability, with a timer for the connect timeout. Flows in TIME_WAIT expire through one
 FIFO and one timer (every flow waits the same time), not a timer each. What every
 connection runs (the SYN's connect and SYN-ACK, the flow's end, TIME_WAIT) is
-`hvcore.nettcp.NatCore`, in C; the rest is here."""
+`hvcore.net.tcp.NatCore`, in C; the rest is here."""
 
 from __future__ import annotations
 
 import errno
 from collections import Counter
 
-from hvcore.netpkt import ACK, FIN, RST, SYN
-from hvcore.nettcp import NatCore
-from pyhv.net import tcp
-from pyhv.net.hostsock import HostSocket, Poller
-from pyhv.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, TcpConn, host_connected
+from hvcore.net.hostsock import HostSocket, Poller
+from hvcore.net.packet import ACK, FIN, RST, SYN
+from hvcore.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, NatCore, TcpConn, unwrap
 
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
 EPHEMERAL = (32768, 60999)
+
+
+def host_connected(conn: TcpConn, sock, reading: bool = True) -> None:
+    """`conn`'s host socket is connected (a flow opened from the host reads only once the
+    guest has answered its SYN)."""
+    conn.host = HostSocket(conn.nat.poller, sock, conn, conn.rcv_cap)
+    conn.host.register(reading)
 
 
 class TcpNat(NatCore):
@@ -50,7 +55,7 @@ class TcpNat(NatCore):
         flags = pkt.flags
         if conn is not None:
             if conn.state != TIME_WAIT or flags & (SYN | ACK | RST) != SYN or \
-                    tcp.unwrap(pkt.seq, conn.rcv_nxt) <= conn.rcv_nxt:
+                    unwrap(pkt.seq, conn.rcv_nxt) <= conn.rcv_nxt:
                 conn.segment(pkt)
                 return
             conn.finish()                       # a new connection reuses a TIME_WAIT pair

@@ -2,12 +2,12 @@
 
 Layers, each its own module:
 
-- `hvcore.fuseproto` (Cython): FUSE wire structs; decoding is bounds-checked, so a malformed
-  request becomes an error reply, never a crash or an out-of-bounds read. `protoref` is its
-  pure-Python reference twin, run over the same test cases.
-- `hvcore.fsops` (Cython): the system calls (openat2 lookups, file handles, getdents packing,
-  inotify decoding, ...). `hvcore.fsnodes`: the inode table (C). `hvcore.fsfiles`: the open
-  files by file handle, READ / WRITE. `hvcore.fsfast`: the hot requests (LOOKUP, GETATTR,
+- `hvcore.fs.proto` (Cython): FUSE wire structs; decoding is bounds-checked, so a malformed
+  request becomes an error reply, never a crash or an out-of-bounds read (its pure-Python
+  reference twin, run over the same test cases, is `tests.helpers.share_protoref`).
+- `hvcore.fs.ops` (Cython): the system calls (openat2 lookups, file handles, getdents packing,
+  inotify decoding, ...). `hvcore.fs.inodes`: the inode table (C). `hvcore.fs.files`: the open
+  files by file handle, READ / WRITE. `hvcore.fs.fastpath`: the hot requests (LOOKUP, GETATTR,
   FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) answered in C from those two
   tables without the GIL; the /dev/fuse readers loop there, `handle` tries it first, and
   whatever it declines goes to the Python handlers, which use the same tables.

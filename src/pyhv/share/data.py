@@ -8,8 +8,8 @@ import errno
 import os
 import stat as st_
 
-from hvcore import fsops as fs
-from hvcore import fuseproto as fp
+from hvcore.fs import ops as fs
+from hvcore.fs import proto as fp
 from pyhv.share.meta import kill_suidgid
 
 # Flags the client may pass that make no sense on a reopen (or would follow our magic link).

@@ -1,7 +1,7 @@
 """The /dev/fuse transport: mount, a pool of reader threads on cloned descriptors, unmount.
 
 Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests in C
-(`hvcore.fsfast.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
+(`hvcore.fs.fastpath.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
 FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL (a large
 READ is spliced from the file through the reader's pipe); any other request goes to
 `FuseServer.dispatch`, and its reply is written with one writev. Readers take turns
@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 from pyhv.errors import PyhvError
 from pyhv.share import ring
 
@@ -215,7 +215,7 @@ class DevFuse:
         fast = self.server.fast
         serve_dev = fast.serve_dev
         pipe_r, pipe_w, pipe_cap = _splice_pipe()
-        turn = False                        # this reader holds the reading turn (fsfast)
+        turn = False                        # this reader holds the reading turn (fs.fastpath)
         try:
             while True:
                 # the hot requests answered inside, no GIL (large READs spliced through the pipe)

@@ -1,6 +1,6 @@
 """The inode table: every host inode the client holds, named by a file handle.
 
-The table itself is C (`hvcore.fsnodes.NodeTable`), so the fast path (`hvcore.fsfast`)
+The table itself is C (`hvcore.fs.inodes.NodeTable`), so the fast path (`hvcore.fs.fastpath`)
 answers LOOKUP, GETATTR, FORGET, OPEN, CREATE, ... without Python; this module is its Python
 face for the handlers that stay in Python, and keeps what only Python uses (POSIX lock
 descriptors).
@@ -34,10 +34,10 @@ import resource
 import stat as st_
 import threading
 
-from hvcore import fslookup
-from hvcore import fsops as fs
-from hvcore import fuseproto as fp
-from hvcore.fsnodes import NodeTable
+from hvcore.fs import lookup as fslookup
+from hvcore.fs import ops as fs
+from hvcore.fs import proto as fp
+from hvcore.fs.inodes import NodeTable
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 FD_CACHE_MIN, FD_CACHE_MAX = 32, 65536

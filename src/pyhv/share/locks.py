@@ -15,7 +15,7 @@ import os
 import struct
 import threading
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 
 FLOCK = struct.Struct("=hhxxxxqqixxxx")     # struct flock on x86-64 / aarch64 (32 bytes)
 OFFSET_MAX = (1 << 63) - 1

@@ -9,8 +9,8 @@ import os
 import stat as st_
 import time
 
-from hvcore import fsops as fs
-from hvcore import fuseproto as fp
+from hvcore.fs import ops as fs
+from hvcore.fs import proto as fp
 from pyhv.share.idmap import UNCHANGED
 
 FA = fp.FATTR

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hvcore import fuseproto as fp
+from hvcore.fs import proto as fp
 from pyhv.share.idmap import IdMap
 
 CACHE_MODES = ("never", "auto", "always")

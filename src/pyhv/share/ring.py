@@ -7,7 +7,7 @@ io_uring_enter also commits a reply and fetches the next request. Measured here 
 /dev/fuse: about 2x the creates and unlinks per second and 1.7x the 4 KiB random reads. A
 stream of large READs unpins its thread while it lasts (`FuseRing._place`): reading beside
 the reader, not on its CPU, keeps sequential reads at /dev/fuse's speed. The queues
-answer the hot requests in C (`hvcore.fsfast.FastPath.serve_ring` over `hvcore.fsring`);
+answer the hot requests in C (`hvcore.fs.fastpath.FastPath.serve_ring` over `hvcore.fs.ring`);
 the rest go to `FuseServer.dispatch` on the queue's thread, or on a worker thread when they
 may wait (a lock wait, an fsync, a large copy) so one slow request never holds a queue.
 
@@ -30,8 +30,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from hvcore import fuseproto as fp
-from hvcore.fsring import FuseRing
+from hvcore.fs import proto as fp
+from hvcore.fs.ring import FuseRing
 
 log = logging.getLogger("pyhv.share")
 

@@ -11,11 +11,11 @@ import os
 import threading
 from collections.abc import Callable
 
-from hvcore import fsops as fs
-from hvcore import fuseproto as fp
-from hvcore.fsfast import FastPath
-from hvcore.fsfiles import FileTable
-from hvcore.fswatch import OwnChanges
+from hvcore.fs import ops as fs
+from hvcore.fs import proto as fp
+from hvcore.fs.fastpath import FastPath
+from hvcore.fs.files import FileTable
+from hvcore.fs.watch import OwnChanges
 from pyhv.share.data import DataOps
 from pyhv.share.inodes import Inode, InodeTable
 from pyhv.share.locks import LockOps

@@ -8,7 +8,7 @@ dropped), so a host program that keeps a file open while it writes shows its wri
 The server's own changes are recognised (names recorded before the change; writes while
 the server has the file open written through; the inode's (ctime, mtime, size) after our
 last change) and not echoed back, so client caches survive the client's own work.
-Events are read and matched in C (`hvcore.fswatch`, no GIL: the client's own creates and
+Events are read and matched in C (`hvcore.fs.watch`, no GIL: the client's own creates and
 unlinks cost no Python); this thread wakes only for host-made changes and sends them,
 never from inside a request (a notification about a directory whose lock a request holds
 would deadlock).
@@ -21,8 +21,8 @@ import logging
 import os
 import threading
 
-from hvcore import fuseproto as fp
-from hvcore.fswatch import Watcher, add_watch
+from hvcore.fs import proto as fp
+from hvcore.fs.watch import Watcher, add_watch
 
 log = logging.getLogger("pyhv.share")
 _libc = ctypes.CDLL(None, use_errno=True)
