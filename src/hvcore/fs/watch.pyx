@@ -263,7 +263,3 @@ def add_watch(NodeTable t not None, uint64_t nodeid) -> int:
     t._unpin(s)
     return wd
 
-
-def node_of_wd(NodeTable t not None, int wd) -> int:
-    """The nodeid of the directory watched by `wd`, or 0."""
-    return _node_of_wd(t, wd)

@@ -191,9 +191,6 @@ cdef class TcpConn:
         if flags & F_ACK:
             self._sent_ack(wnd if not flags & F_SYN else wnd >> self.rcv_wscale)
 
-    def ack_now(self) -> None:
-        self._segment(F_ACK)
-
     cpdef flush_ack(self):
         """Called once per batch of guest frames: one ACK for all of them, if owed. Less
         than DELACK_BYTES of new data (a request) is ACKed DELACK later, so the host's

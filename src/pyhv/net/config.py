@@ -25,10 +25,6 @@ def ip(text: str) -> int:
     return int(ipaddress.IPv4Address(text))
 
 
-def ipstr(value: int) -> str:
-    return str(ipaddress.IPv4Address(value))
-
-
 @dataclass
 class NetConfig:
     subnet: str = "192.168.65.0/24"
@@ -75,9 +71,6 @@ class NetConfig:
         self.gw = ip(self.gateway)
         self.alias = ip(self.host_loopback) if self.host_loopback else None
         self.guest = ip(self.guest_ip)
-
-    def in_subnet(self, addr: int) -> bool:
-        return addr & self.netmask == self.net
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,6 @@ class Stack(StackCore):
 
     # ---- input (receive: StackCore)
 
-    def frame(self, frame: bytes) -> None:
-        self.packet(netpkt.parse(frame, self.vnet))
-
     def packet(self, pkt) -> None:
         kind = pkt.kind
         if kind == IPV4:
