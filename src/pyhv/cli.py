@@ -12,7 +12,8 @@ from pyhv.runner import DEFAULT_APPEND
 
 # Each subsystem adds its own subcommands: `register(subparsers)` creates parsers whose
 # defaults carry `handler=callable(args) -> int` (imports stay lazy inside the handlers).
-SUBSYSTEM_CLIS = ("pyhv.disk.cli", "pyhv.net.cli", "pyhv.share.cli", "pyhv.guest.cli")
+SUBSYSTEM_CLIS = ("pyhv.disk.cli", "pyhv.virtio.cli", "pyhv.net.cli", "pyhv.share.cli",
+                  "pyhv.guest.cli")
 
 
 def _positive_int(text: str) -> int:

@@ -273,6 +273,10 @@ cdef class SplitQueue:
         self.put(head, written)
         self.publish()
 
+    def has_chains(self) -> bool:
+        """Whether the driver has published a chain not taken yet."""
+        return self.ready and vq_load16(&self.avail.idx) != self.last_avail
+
     def interrupt_wanted(self) -> bool:
         return self.want_interrupt()
 

@@ -1,0 +1,22 @@
+"""What a virtio device gives a transport: its feature bits, config space, number of
+queues and a request handler per queue. Transports add the ring features themselves."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pyhv.virtio.queues import Handler
+
+
+class Device(ABC):
+    features: int = 0                   # device-specific feature bits
+    num_queues: int = 1
+    max_queue_size: int = 1024          # (hvcore.virtio.queue.VQ_MAX_SIZE)
+
+    @abstractmethod
+    def config(self) -> bytes:
+        """The device-specific configuration space."""
+
+    @abstractmethod
+    def handler(self, index: int) -> Handler:
+        """handle(head, readable, writable) -> bytes written, for queue `index`."""
