@@ -88,11 +88,14 @@ class Driver:
         return struct.unpack("<H", self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
 
     def take_used(self) -> list[tuple[int, int]]:
-        """The (head, written) entries the device returned since the last call."""
+        """The (head, written) entries the device returned since the last call; then,
+        as Linux re-enables callbacks, interrupts are asked for from the next one on
+        (used_event, read by a device that negotiated EVENT_IDX)."""
         idx = struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
         out = []
         while self.used_seen != idx:
             at = self.used + 4 + 8 * (self.used_seen % self.size)
             out.append(struct.unpack("<II", self.mem.read(at, 8)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
+        self.set_used_event(self.used_seen)
         return out
