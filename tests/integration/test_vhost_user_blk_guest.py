@@ -85,8 +85,9 @@ def test_a_filesystem_survives_a_second_boot(image):
 
 def test_discard_multiqueue_and_read_only(image, tmp_path):
     with served(image, "--queues", "2") as args:
-        out = guest("echo queues=$(ls /sys/block/vda/mq | wc -l); dd if=/dev/urandom of=/dev/vda bs=1M count=4 "
-                    "2>/dev/null; sync; blkdiscard -o 0 -l 2097152 /dev/vda; sync; "
+        out = guest("echo queues=$(ls /sys/block/vda/mq | wc -l); "
+                    "dd if=/dev/urandom of=/dev/vda bs=1M count=4 2>/dev/null; sync; "
+                    " blkdiscard -o 0 -l 2097152 /dev/vda; sync; "
                     "dd if=/dev/vda bs=1M count=2 2>/dev/null | md5sum", args, cpus=2)
     assert "queues=2" in out
     zeros = hashlib.md5(bytes(2 * MB)).hexdigest()         # noqa: S324 (a checksum)
