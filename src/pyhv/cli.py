@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--publish", action="append", default=[],
                      metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
                      help="publish a guest port on the host (127.0.0.1 unless HOSTIP)")
+    run.add_argument("--disk", action="append", default=[],
+                     metavar="FILE[,format=qcow2|raw][,readonly=on][,serial=S]",
+                     help="attach a disk image (repeatable; /dev/vda, /dev/vdb, ...)")
     run.add_argument("argv", nargs="*", metavar="COMMAND",
                      help="command and arguments to run in the guest (after --)")
 

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyhv.errors import PyhvError
@@ -37,6 +37,7 @@ class RunSpec:
     interactive: bool
     boot: str = "auto"
     extract: bool = True
+    disks: list = field(default_factory=list)      # pyhv.guest.disks.DiskSpec
 
 
 def _say(message: str) -> None:
@@ -57,6 +58,9 @@ def prepare(args) -> RunSpec:
         for spec in args.publish:
             parse_forward(spec)         # a bad -p is reported before anything starts
     validate_cpus(args.cpus)
+    from pyhv.guest.disks import parse_disk
+
+    disks = [parse_disk(text) for text in args.disk]   # bad specs before anything starts
     if args.initrd is not None and not os.access(args.initrd, os.R_OK):
         raise PyhvError(f"cannot read initrd {args.initrd}: "
                         f"{'permission denied' if os.path.exists(args.initrd) else 'no such file'}")
@@ -81,7 +85,7 @@ def prepare(args) -> RunSpec:
         scan = bool(command)
     interactive = os.isatty(0) and not command
     return RunSpec(kernel, initrd, append, args.cpus, args.memory, args.console_log,
-                   args.timeout, scan, interactive, args.boot, not args.no_extract)
+                   args.timeout, scan, interactive, args.boot, not args.no_extract, disks)
 
 
 def _sink(console_log: str | None):
@@ -122,6 +126,7 @@ def run(args) -> int:
 def run_qemu(spec: RunSpec, args) -> int:
     from contextlib import nullcontext
 
+    from pyhv.guest.disks import DiskService
     from pyhv.guest.network import NetworkService
     from pyhv.guest.qemu import QemuRun
     from pyhv.guest.qemu import run_qemu as launch
@@ -129,9 +134,9 @@ def run_qemu(spec: RunSpec, args) -> int:
     if spec.boot != "auto" or not spec.extract:
         raise PyhvError("--boot and --no-extract apply to --engine kvm only")
     network = NetworkService(args.publish) if args.network == "user" else nullcontext([])
-    with network as net_args:
+    with network as net_args, DiskService(spec.disks, spec.memory) as disk_args:
         qemu = QemuRun(spec.kernel, spec.initrd, spec.append, spec.cpus, spec.memory,
-                       extra_args=net_args,
+                       extra_args=net_args + disk_args,
                        interactive=spec.interactive and spec.console_log is None)
         result = launch(qemu, _sink(spec.console_log), spec.timeout)
     ok = result.returncode == 0
@@ -145,6 +150,9 @@ def run_kvm(spec: RunSpec, args) -> int:
 
     if args.publish:
         raise PyhvError("-p needs a network device, which pyhv's own VMM does not have yet: "
+                        "use --engine qemu")
+    if spec.disks:
+        raise PyhvError("--disk needs virtio-blk, which pyhv's own VMM does not have yet: "
                         "use --engine qemu")
 
     reader = None

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.disk_qemu import check, qemu_img
+from tests.helpers.disk_qemu import check, qemu_img, qemu_io
 from tests.helpers.guest import run_guest
+from tests.helpers.pyhvrun import pyhv
 
 MB = 1 << 20
 
@@ -102,3 +103,37 @@ def test_discard_multiqueue_and_read_only(image, tmp_path):
     assert "ro=1" in out, out
     assert "rc=0" not in out
     assert image.read_bytes() == before
+
+
+def test_pyhv_run_attaches_disks_on_the_qemu_engine(image, tmp_path):
+    raw = tmp_path / "ro.raw"
+    raw.write_bytes(b"read-only!" + bytes(MB - 10))
+    done = pyhv("run", "--engine", "qemu", "--network", "none", "--disk", str(image),
+                "--disk", f"{raw},format=raw,readonly=on,serial=RO-1", "--",
+                "sh", "-c", "cat /sys/block/vdb/serial; echo; head -c 10 /dev/vdb; echo; "
+                "echo pyhv-was-here | dd of=/dev/vda bs=512 conv=sync 2>/dev/null; "
+                "sync; exit 3", timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert "RO-1" in done.stdout and "read-only!" in done.stdout
+    qemu_io(image, "read -P 0x70 0 1")                     # 'p' of pyhv-was-here
+    assert check(image)[0] == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{image},format=vmdk", "format must be qcow2 or raw"),
+    ("{image},cache=none", "unknown option 'cache=none'"),
+    ("{image},readonly=yes", "readonly must be on or off"),
+    ("{tmp}/missing.qcow2", "no such file"),
+    ("{image},serial=" + "x" * 21, "at most 20 bytes"),
+])
+def test_bad_disk_options_are_one_line(image, tmp_path, spec, message):
+    done = pyhv("run", "--engine", "qemu", "--disk",
+                spec.format(image=image, tmp=tmp_path), "--", "true")
+    assert done.returncode == 1
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_pyhvs_own_vmm_says_it_has_no_disks_yet(image):
+    done = pyhv("run", "--engine", "kvm", "--disk", str(image), "--", "true")
+    assert done.returncode == 1
+    assert "--disk needs virtio-blk, which pyhv's own VMM does not have yet" in done.stderr

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--readonly", action="store_true")
     p.add_argument("--queues", type=int, default=1, help="virtqueues (1-16)")
     p.add_argument("--serial", default="", help="the disk's serial number (20 bytes)")
+    p.add_argument("--ready", action="store_true",
+                   help="print 'pyhv disk: ready' on stdout once listening")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -35,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with pyhv.disk.open(args.image, args.format, readonly=args.readonly) as disk:
         backend = Backend(BlkDevice(disk, args.readonly, args.queues, args.serial),
                           args.socket)
+        if args.ready:
+            print("pyhv disk: ready", flush=True)
         try:
             backend.serve_forever()
         finally:
