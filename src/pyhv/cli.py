@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", action="append", default=[],
                      metavar="FILE[,format=qcow2|raw][,readonly=on][,serial=S]",
                      help="attach a disk image (repeatable; /dev/vda, /dev/vdb, ...)")
+    run.add_argument("-v", "--volume", action="append", default=[],
+                     metavar="HOSTDIR:GUESTPATH[:ro]",
+                     help="share a host folder with the guest (repeatable, virtio-fs)")
     run.add_argument("argv", nargs="*", metavar="COMMAND",
                      help="command and arguments to run in the guest (after --)")
 

@@ -38,6 +38,7 @@ class RunSpec:
     boot: str = "auto"
     extract: bool = True
     disks: list = field(default_factory=list)      # pyhv.guest.disks.DiskSpec
+    volumes: list = field(default_factory=list)    # pyhv.guest.shares.VolumeSpec
 
 
 def _say(message: str) -> None:
@@ -59,8 +60,10 @@ def prepare(args) -> RunSpec:
             parse_forward(spec)         # a bad -p is reported before anything starts
     validate_cpus(args.cpus)
     from pyhv.guest.disks import parse_disk
+    from pyhv.guest.shares import mount_args, parse_volume
 
     disks = [parse_disk(text) for text in args.disk]   # bad specs before anything starts
+    volumes = [parse_volume(text) for text in args.volume]
     if args.initrd is not None and not os.access(args.initrd, os.R_OK):
         raise PyhvError(f"cannot read initrd {args.initrd}: "
                         f"{'permission denied' if os.path.exists(args.initrd) else 'no such file'}")
@@ -70,8 +73,8 @@ def prepare(args) -> RunSpec:
 
         image = default_guest()
         kernel, initrd = image.kernel, image.initrd
-        extra = " ".join(filter(None, [args.append, "" if os.isatty(0) or command
-                                       else "pyhv.tty=0"]))
+        extra = " ".join(filter(None, [args.append, mount_args(volumes),
+                                       "" if os.isatty(0) or command else "pyhv.tty=0"]))
         append = guest_cmdline(command, extra=extra)
         scan = True
     else:
@@ -85,7 +88,8 @@ def prepare(args) -> RunSpec:
         scan = bool(command)
     interactive = os.isatty(0) and not command
     return RunSpec(kernel, initrd, append, args.cpus, args.memory, args.console_log,
-                   args.timeout, scan, interactive, args.boot, not args.no_extract, disks)
+                   args.timeout, scan, interactive, args.boot, not args.no_extract, disks,
+                   volumes)
 
 
 def _sink(console_log: str | None):
@@ -124,21 +128,28 @@ def run(args) -> int:
 
 
 def run_qemu(spec: RunSpec, args) -> int:
+    import tempfile
     from contextlib import nullcontext
 
-    from pyhv.guest.disks import DiskService
+    from pyhv.guest.children import Children, vhost_user_memory
+    from pyhv.guest.disks import disk_devices
     from pyhv.guest.network import NetworkService
     from pyhv.guest.qemu import QemuRun
     from pyhv.guest.qemu import run_qemu as launch
+    from pyhv.guest.shares import share_devices
 
     if spec.boot != "auto" or not spec.extract:
         raise PyhvError("--boot and --no-extract apply to --engine kvm only")
     network = NetworkService(args.publish) if args.network == "user" else nullcontext([])
-    with network as net_args, DiskService(spec.disks, spec.memory) as disk_args:
-        qemu = QemuRun(spec.kernel, spec.initrd, spec.append, spec.cpus, spec.memory,
-                       extra_args=net_args + disk_args,
-                       interactive=spec.interactive and spec.console_log is None)
-        result = launch(qemu, _sink(spec.console_log), spec.timeout)
+    with tempfile.TemporaryDirectory(prefix="pyhv-run-") as tmp:
+        devices = disk_devices(spec.disks, Path(tmp)) + share_devices(spec.volumes, Path(tmp))
+        attach = [a for _child, args_ in devices for a in args_]
+        with network as net_args, Children([child for child, _args in devices]):
+            qemu = QemuRun(spec.kernel, spec.initrd, spec.append, spec.cpus, spec.memory,
+                           extra_args=net_args + (vhost_user_memory(spec.memory) + attach
+                                                  if attach else []),
+                           interactive=spec.interactive and spec.console_log is None)
+            result = launch(qemu, _sink(spec.console_log), spec.timeout)
     ok = result.returncode == 0
     return finish(result.status, result.panic, result.timed_out, ok,
                   f"qemu-system-x86_64 exited with status {result.returncode}")
@@ -153,6 +164,9 @@ def run_kvm(spec: RunSpec, args) -> int:
                         "use --engine qemu")
     if spec.disks:
         raise PyhvError("--disk needs virtio-blk, which pyhv's own VMM does not have yet: "
+                        "use --engine qemu")
+    if spec.volumes:
+        raise PyhvError("-v needs virtio-fs, which pyhv's own VMM does not have yet: "
                         "use --engine qemu")
 
     reader = None

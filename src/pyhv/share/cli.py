@@ -10,10 +10,18 @@ from pyhv.errors import PyhvError
 def register(subparsers) -> None:
     share = subparsers.add_parser("share", help="share a host directory over FUSE")
     sub = share.add_subparsers(dest="share_command", required=True)
-    serve = sub.add_parser("serve", help="mount HOSTDIR at MOUNTPOINT and serve it")
+    serve = sub.add_parser("serve", help="serve HOSTDIR: mounted here, or to a VM")
     serve.add_argument("hostdir", help="the directory to share")
-    serve.add_argument("--mount", required=True, metavar="MOUNTPOINT",
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mount", metavar="MOUNTPOINT",
                        help="where to mount it (through /dev/fuse)")
+    where.add_argument("--socket", metavar="PATH",
+                       help="serve it as a vhost-user-fs device on this Unix socket (for "
+                            "QEMU's vhost-user-fs-pci, in place of virtiofsd)")
+    serve.add_argument("--tag", default="pyhv",
+                       help="the virtio-fs tag the guest mounts (--socket; default pyhv)")
+    serve.add_argument("--queues", type=int, default=1,
+                       help="virtio-fs request queues (--socket; default 1)")
     serve.add_argument("--cache", choices=["never", "auto", "always"], default="auto",
                        help="client caching: never (no cache), auto (1 s metadata, "
                             "close-to-open data; default), always (long-lived)")
@@ -66,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         allow_devices=args.allow_devices,
                         idmap=IdMap(args.uid_map, args.gid_map))
     server = FuseServer(opts)
+    if args.socket:
+        return _serve_vhost_user(server, args)
     transport = DevFuse(server, args.mount, readonly=args.readonly,
                         allow_devices=args.allow_devices, max_threads=args.threads,
                         io_uring=args.io_uring)
@@ -94,5 +104,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if watch is not None:
             watch.stop()
         transport.close()
+        server.close()
+    return 0
+
+
+def _serve_vhost_user(server, args: argparse.Namespace) -> int:
+    """The share as a vhost-user-fs backend, until SIGINT or SIGTERM (no host watch:
+    virtio-fs cannot carry its invalidations; pyhv.share.virtiofs)."""
+    import os
+    import signal
+    import sys
+
+    from pyhv.share.virtiofs import FsDevice
+    from pyhv.virtio.vhost_user import Backend
+
+    if not 1 <= args.queues <= 16:
+        raise PyhvError(f"--queues {args.queues}: between 1 and 16")
+    try:
+        device = FsDevice(server, args.tag, args.queues)
+    except ValueError as e:
+        raise PyhvError(str(e)) from None
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    backend = Backend(device, args.socket)
+    try:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+        print("pyhv share: ready", flush=True)
+        backend.serve_forever()
+    finally:
+        backend.close()
         server.close()
     return 0

@@ -12,6 +12,9 @@ class Device(ABC):
     features: int = 0                   # device-specific feature bits
     num_queues: int = 1
     max_queue_size: int = 1024          # (hvcore.virtio.queue.VQ_MAX_SIZE)
+    # the frontend reads the config space from the device (vhost-user's CONFIG protocol
+    # feature); QEMU's vhost-user-fs keeps the tag itself and warns when it is offered
+    frontend_reads_config: bool = True
 
     @abstractmethod
     def config(self) -> bytes:

@@ -149,9 +149,9 @@ class Session:
         if request == SET_FEATURES:
             self.features = _u64(p)
         elif request == GET_PROTOCOL_FEATURES:
-            return struct.pack("<Q", PF_MQ | PF_REPLY_ACK | PF_CONFIG)
+            return struct.pack("<Q", self._protocol_features())
         elif request == SET_PROTOCOL_FEATURES:
-            self.protocol = _u64(p) & (PF_MQ | PF_REPLY_ACK | PF_CONFIG)
+            self.protocol = _u64(p) & self._protocol_features()
         elif request == GET_QUEUE_NUM:
             return struct.pack("<Q", dev.num_queues)
         elif request in (SET_OWNER, RESET_OWNER, SET_CONFIG):
@@ -205,6 +205,9 @@ class Session:
         else:
             raise VhostUserError(f"unknown request {request}")
         return None
+
+    def _protocol_features(self) -> int:
+        return PF_MQ | PF_REPLY_ACK | (PF_CONFIG if self.device.frontend_reads_config else 0)
 
     def _ring(self, index: int) -> _Ring:
         if not 0 <= index < len(self.rings):
