@@ -126,6 +126,23 @@ def test_stat_chmod_chown_truncate_utime(d):
     assert os.stat(p).st_size == 1 << 20 and p.read_bytes()[10:20] == bytes(10)
 
 
+def test_times_of_a_symlink_itself(d):
+    """`touch -h link` (utimensat AT_SYMLINK_NOFOLLOW) sets the link's own times, as Linux,
+    bindfs and virtiofsd do; the target's stay. Only the times asked for change."""
+    (d / "target").write_text("t")
+    os.utime(d / "target", ns=(5_000_000_000, 6_000_000_000))
+    os.symlink("target", d / "link")
+    os.utime(d / "link", ns=(1_000_000_007, 2_000_000_009), follow_symlinks=False)
+    s = os.lstat(d / "link")
+    assert (s.st_atime_ns, s.st_mtime_ns) == (1_000_000_007, 2_000_000_009)
+    assert os.stat(d / "target").st_mtime_ns == 6_000_000_000
+    ns = (os.lstat(d / "link").st_atime_ns, 3_000_000_000)
+    os.utime(d / "link", ns=ns, follow_symlinks=False)
+    assert os.lstat(d / "link").st_mtime_ns == 3_000_000_000
+    assert subprocess.run(["touch", "-h", str(d / "link")]).returncode == 0
+    assert os.lstat(d / "link").st_mtime_ns > 3_000_000_000
+
+
 def test_directories(d):
     (d / "sub").mkdir(0o750)
     assert stat.S_IMODE(os.stat(d / "sub").st_mode) == 0o750

@@ -17,6 +17,7 @@ from libc.errno cimport errno, EINVAL, ENOSYS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, strlen
+from posix.time cimport timespec
 from posix.unistd cimport lseek, close
 from posix.fcntl cimport O_CREAT
 
@@ -25,7 +26,7 @@ from hvcore.fs.dirent cimport align8, put_dirent
 from hvcore.includes.dirent cimport dirent64, getdents64
 from hvcore.includes.openat2 cimport (open_how, syscall, SYS_openat2, RESOLVE_BENEATH,
                                       RESOLVE_NO_SYMLINKS, RESOLVE_NO_MAGICLINKS)
-from hvcore.includes.stat cimport fstatat
+from hvcore.includes.stat cimport UTIME_NOW, UTIME_OMIT, fstatat, utimensat
 from hvcore.includes.fcntl cimport (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, openat,
                                     fchownat, fallocate)
 from hvcore.includes.stdio cimport renameat2
@@ -226,6 +227,23 @@ def chown_fd(int fd, uint32_t uid, uint32_t gid) -> None:
     cdef int rc
     with nogil:
         rc = fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+    if rc < 0:
+        raise OSError(errno, _os.strerror(errno))
+
+
+def utimes_fd(int fd, int64_t atime_ns, int64_t mtime_ns) -> None:
+    """utimensat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW): the times of the inode an
+    (O_PATH) descriptor is on, a symlink's own included (as `touch -h` sets them). A time
+    of -1 is left as it is, -2 is now."""
+    cdef timespec ts[2]
+    cdef int rc, i
+    cdef int64_t t
+    for i in range(2):
+        t = atime_ns if i == 0 else mtime_ns
+        ts[i].tv_sec = t // 1000000000 if t >= 0 else 0
+        ts[i].tv_nsec = t % 1000000000 if t >= 0 else (UTIME_OMIT if t == -1 else UTIME_NOW)
+    with nogil:
+        rc = utimensat(fd, "", ts, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
     if rc < 0:
         raise OSError(errno, _os.strerror(errno))
 

@@ -1,4 +1,4 @@
-# C declarations from <sys/stat.h>: fstatat(2) with nanosecond times.
+# C declarations from <sys/stat.h>: fstatat(2) and utimensat(2), nanosecond times.
 from posix.time cimport timespec
 
 
@@ -20,3 +20,7 @@ cdef extern from "<sys/stat.h>" nogil:
         timespec st_mtim
         timespec st_ctim
     int fstatat(int dirfd, const char *path, stat *buf, int flags)
+    int utimensat(int dirfd, const char *path, const timespec *times, int flags)
+    enum:
+        UTIME_NOW
+        UTIME_OMIT
