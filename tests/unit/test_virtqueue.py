@@ -90,8 +90,12 @@ def test_flags_without_event_idx(mem, drv):
     q.push(head, 0)
     drv.set_avail_flags(1)                  # VRING_AVAIL_F_NO_INTERRUPT
     assert not q.interrupt_wanted()
+    drv.publish(drv.chain([(drv.alloc(4, b"y"), 4, False)]))
+    head, _r, _w = q.pop()
+    q.push(head, 0)
     drv.set_avail_flags(0)
     assert q.interrupt_wanted()
+    assert not q.interrupt_wanted()         # nothing published since
 
 
 def _break(mem, drv, write, expected: str, indirect=True):

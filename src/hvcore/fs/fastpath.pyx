@@ -95,23 +95,8 @@ cdef inline bint _quick_py(uint32_t op) noexcept nogil:
 
 
 cdef class FastPath:
-    """Answers the hot requests in C (`serve`, `serve_dev`); 0 means "for Python"."""
-    cdef NodeTable nodes
-    cdef FileTable files
-    cdef IdAxis uid
-    cdef IdAxis gid
-    cdef Times times
-    cdef public OwnChanges own          # the server's own changes, for the host watch
-    cdef pthread_mutex_t lead           # held by the one reader reading /dev/fuse
-    cdef public bint enabled            # set once INIT is done
-    cdef public bint readonly
-    cdef public bint watching           # stamps and expected names for the host watch
-    cdef public bint writeback          # FUSE_WRITEBACK_CACHE negotiated
-    cdef public bint chown_created      # a root server hands new inodes to the caller
-    cdef public uint32_t open_flags     # FOPEN_* for files (the cache mode's)
-    cdef public bint close_to_open      # auto: an open keeps the cache of an unchanged file
-    cdef public uint32_t dir_open_flags  # FOPEN_* for directories
-    cdef public uint32_t max_write      # largest READDIR(PLUS) payload
+    """Answers the hot requests in C (`serve`, `serve_dev`); 0 means "for Python". Its
+    fields are declared in fastpath.pxd."""
 
     def __cinit__(self, NodeTable nodes not None, FileTable files not None):
         self.nodes = nodes
@@ -162,8 +147,8 @@ cdef class FastPath:
                       &self.gid, h.uid, h.gid)
         return reply_header(out, h.unique, 0, ohdr + sizeof(fuse_entry_out) + extra)
 
-    cdef inline Py_ssize_t _open_out(self, uint8_t *out, const fuse_in_header *h, uint64_t fh,
-                                     Py_ssize_t at, uint32_t extra=0) noexcept nogil:
+    cdef Py_ssize_t _open_out(self, uint8_t *out, const fuse_in_header *h, uint64_t fh,
+                              Py_ssize_t at, uint32_t extra=0) noexcept nogil:
         cdef fuse_open_out *o = <fuse_open_out *>(out + at)
         memset(o, 0, sizeof(fuse_open_out))
         o.fh = fh

@@ -51,6 +51,7 @@ cdef class SplitQueue:
     cdef void publish(self) noexcept nogil
     cdef bint want_interrupt(self) noexcept nogil
     cdef void kicks(self, bint on) noexcept nogil
+    cdef tuple views(self, VqChain *c)
     cdef int _fail(self, int code, uint64_t a, uint64_t b, uint64_t c) noexcept nogil
     cdef int _map(self, VqChain *c, uint64_t addr, uint32_t length, bint write,
                   uint64_t di) noexcept nogil

@@ -185,13 +185,15 @@ cdef class SplitQueue:
         vq_store16(&self.used.idx, self.used_idx)
 
     cdef bint want_interrupt(self) noexcept nogil:
-        """Whether the driver asked to be told of what was published since the last
-        interrupt (used_event with EVENT_IDX, else the avail ring's flag)."""
+        """Whether the driver asked to be told of what was published since the last call
+        (used_event with EVENT_IDX, else the avail ring's flag); never when nothing was."""
         cdef uint16_t event, new = self.used_idx, old = self.signalled
+        if new == old:
+            return False
+        self.signalled = new
         vq_full()                       # the used index before the driver's request
         if self.event_idx:
             event = vq_load16(&self.avail.ring[self.size])
-            self.signalled = new
             return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
         return not (vq_load16(&self.avail.flags) & VRING_AVAIL_F_NO_INTERRUPT)
 
@@ -247,7 +249,6 @@ cdef class SplitQueue:
         guest memory; None when no chain waits. VirtqueueError once the queue is broken."""
         cdef VqChain *c = <VqChain *>PyMem_Malloc(sizeof(VqChain))
         cdef int rc
-        cdef uint32_t k
         if c == NULL:
             raise MemoryError()
         try:
@@ -257,12 +258,17 @@ cdef class SplitQueue:
                 raise VirtqueueError(self.error)
             if rc == 0:
                 return None
-            bufs = [PyMemoryView_FromMemory(<char *>c.buf[k].ptr, c.buf[k].len,
-                                            PyBUF_READ if k < c.nread else PyBUF_WRITE)
-                    for k in range(c.nread + c.nwrite)]
-            return c.head, bufs[:c.nread], bufs[c.nread:]
+            return self.views(c)
         finally:
             PyMem_Free(c)
+
+    cdef tuple views(self, VqChain *c):
+        """(head, readable, writable): a chain's buffers as memoryviews of guest memory."""
+        cdef uint32_t k
+        bufs = [PyMemoryView_FromMemory(<char *>c.buf[k].ptr, c.buf[k].len,
+                                        PyBUF_READ if k < c.nread else PyBUF_WRITE)
+                for k in range(c.nread + c.nwrite)]
+        return c.head, bufs[:c.nread], bufs[c.nread:]
 
     def push(self, int head, int written) -> None:
         """Return one chain and publish it."""

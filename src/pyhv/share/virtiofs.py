@@ -16,6 +16,8 @@ import logging
 import struct
 
 from hvcore.fs import proto as fp
+from hvcore.fs.virtiofs import FuseQueue
+from hvcore.virtio.queue import SplitQueue
 from pyhv.share.server import FuseServer
 from pyhv.virtio.device import Device
 
@@ -44,10 +46,18 @@ class FsDevice(Device):
     def handler(self, index: int):
         return self.serve
 
+    def taker(self, index: int, queue: SplitQueue):
+        """Chains the C fast path answers never reach Python (hvcore.fs.virtiofs)."""
+        return FuseQueue(queue, self.server.fast).next
+
     def serve(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
-        """One request; the bytes of reply written (0 for a request without a reply)."""
-        request = readable[0] if len(readable) == 1 else b"".join(readable)
-        replies = self.server.handle(request)
+        """One request the C path (`taker`) left to Python; the bytes of reply written (0
+        for a request without a reply)."""
+        if len(readable) == 1 and len(writable) == 1:
+            replies = self.server.dispatch(readable[0])     # (the fast path declined it)
+        else:
+            request = readable[0] if len(readable) == 1 else b"".join(readable)
+            replies = self.server.handle(request)
         if not replies:
             return 0
         size = sum(len(r) for r in replies)

@@ -4,7 +4,9 @@ queues and a request handler per queue. Transports add the ring features themsel
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
+from hvcore.virtio.queue import SplitQueue
 from pyhv.virtio.queues import Handler
 
 
@@ -23,3 +25,8 @@ class Device(ABC):
     @abstractmethod
     def handler(self, index: int) -> Handler:
         """handle(head, readable, writable) -> bytes written, for queue `index`."""
+
+    def taker(self, index: int, queue: SplitQueue) -> Callable[[], tuple | None] | None:
+        """A device that answers some chains in C gives the call that does so and returns
+        the next chain for `handler` (or None); by default every chain is the handler's."""
+        return None

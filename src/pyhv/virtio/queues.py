@@ -24,8 +24,10 @@ class QueueWorker:
     the queue with one log line and a write to `err_fd` (vhost-user's error eventfd)."""
 
     def __init__(self, queue: SplitQueue, handle: Handler, kick_fd: int, call_fd: int | None,
-                 err_fd: int | None = None):
+                 err_fd: int | None = None, take: Callable[[], tuple | None] | None = None):
         self.queue, self.handle = queue, handle
+        # the next chain for `handle` (a device may answer others in C first)
+        self.take = take or queue.pop
         self.kick_fd, self.call_fd, self.err_fd = kick_fd, call_fd, err_fd
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self.error: str | None = None
@@ -64,16 +66,16 @@ class QueueWorker:
                 os.eventfd_write(self.err_fd, 1)
 
     def _drain(self) -> None:
-        """Every waiting chain, with kicks off meanwhile; one interrupt at the end."""
-        q, done = self.queue, 0
+        """Every waiting chain, with kicks off meanwhile; one interrupt at the end (if
+        anything was answered and the driver wants it)."""
+        q = self.queue
         while True:
             q.notifications(False)
-            while (chain := q.pop()) is not None:
+            while (chain := self.take()) is not None:
                 head, readable, writable = chain
                 q.push(head, self.handle(head, readable, writable))
-                done += 1
             q.notifications(True)
             if not q.has_chains():      # (one may have come before kicks were back on)
                 break
-        if done and self.call_fd is not None and q.interrupt_wanted():
+        if self.call_fd is not None and q.interrupt_wanted():
             os.eventfd_write(self.call_fd, 1)

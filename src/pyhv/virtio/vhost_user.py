@@ -252,7 +252,7 @@ class Session:
         q.base = ring.base
         ring.queue = q
         ring.worker = QueueWorker(q, self.device.handler(ring.index), ring.kick, ring.call,
-                                  ring.err).start()
+                                  ring.err, self.device.taker(ring.index, q)).start()
 
     def _stop(self, ring: _Ring) -> None:
         if ring.worker is not None:
