@@ -6,7 +6,6 @@ offsets of a qcow2 image in the page cache, against `pyhv disk serve` and agains
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.services import cpu_seconds, listening
 from hvcore.memory import GuestMemory
 from tests.helpers.vhost_user_frontend import Frontend
 from tests.helpers.virtio_driver import Driver
@@ -34,34 +34,23 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-def _start(argv: list[str], sock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(200):
-        if sock.exists():
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{argv[0]} did not listen: {proc.stderr.read()}")
 
 
 def pyhv_backend(image: Path) -> tuple[subprocess.Popen, Path]:
     sock = image.with_suffix(".pyhv.sock")
-    return _start([sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket",
+    return listening([sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket",
                    str(sock), "-f", "qcow2"], sock), sock
 
 
 def qsd_backend(image: Path) -> tuple[subprocess.Popen, Path]:
     sock = image.with_suffix(".qsd.sock")
-    return _start(["qemu-storage-daemon",
+    return listening(["qemu-storage-daemon",
                    "--blockdev", f"driver=file,node-name=f0,filename={image}",
                    "--blockdev", "driver=qcow2,node-name=d0,file=f0",
                    "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
                                f"addr.path={sock},writable=on"], sock), sock
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drive(sock: Path, write: bool, seed: int) -> tuple[float, int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.test_virtio_blk import cpu_seconds
+from bench.services import cpu_seconds, listening
 from hvcore.memory import GuestMemory
 from tests.helpers.vhost_user_frontend import Frontend
 from tests.helpers.virtio_driver import Driver
@@ -43,26 +43,18 @@ def tree(tmp_path_factory) -> Path:
     return root
 
 
-def _start(argv: list[str], sock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(200):
-        if sock.exists():
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{argv[0]} did not listen: {proc.stderr.read()}")
 
 
 def pyhv_server(tree: Path) -> tuple[subprocess.Popen, Path]:
     sock = tree.parent / "pyhv.sock"
-    return _start([sys.executable, "-m", "pyhv", "share", "serve", str(tree), "--socket",
+    return listening([sys.executable, "-m", "pyhv", "share", "serve", str(tree), "--socket",
                    str(sock), "--cache", "auto"], sock), sock
 
 
 def virtiofsd(tree: Path) -> tuple[subprocess.Popen, Path]:
     sock = tree.parent / "vfsd.sock"
     # (sandbox=chroot: one process, so its CPU time is measured; namespace forks)
-    return _start(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
+    return listening(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
                    f"source={tree}", "-o", "cache=auto", "-o", "sandbox=chroot"], sock), sock
 
 
