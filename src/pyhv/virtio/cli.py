@@ -26,6 +26,7 @@ def register(subparsers) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import pyhv.disk
+    from pyhv.disk.locking import lock_image
     from pyhv.errors import PyhvError
     from pyhv.virtio.blk import BlkDevice
     from pyhv.virtio.vhost_user import Backend
@@ -35,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with pyhv.disk.open(args.image, args.format, readonly=args.readonly) as disk:
+        lock_image(disk.fd, args.image, write=not args.readonly)
         backend = Backend(BlkDevice(disk, args.readonly, args.queues, args.serial),
                           args.socket)
         if args.ready:
