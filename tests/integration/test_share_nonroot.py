@@ -2,9 +2,11 @@
 into a directory that user owns, files appear owned by the caller, and it unmounts cleanly.
 
 The server process is a real non-root process: Python starts as root (here the interpreter
-may live where other users cannot read it), imports pyhv, drops every privilege to `nobody`
+may live where other users cannot read it), imports pyhv, drops every privilege to USER
 (groups, gid, uid: no capabilities are left), and only then runs `pyhv share serve`. The
-client side runs as `nobody` too (without allow_other nobody else may use the mount).
+client side runs as USER too (without allow_other nobody else may use the mount). USER is
+`daemon` (uid 1), not `nobody`: nobody's uid is 65534, the id every unmapped owner shows
+as, so a server that showed every file as 65534 would pass as "the caller's".
 
 fusermount3 opens /dev/fuse as the calling user, and distributions make it 0666. Where it is
 not (these build machines: 0600, and changing the host's device is not the test's to do),
@@ -29,6 +31,8 @@ import pytest
 
 from tests.helpers.share_mount import is_mounted
 
+USER = "daemon"                 # a normal user whose uid is not 65534 (see above)
+
 # Everything `share serve` imports, imported before the privileges go.
 LAUNCH = """
 import os, sys
@@ -47,7 +51,7 @@ sys.exit(pyhv.cli.main(sys.argv[2:]))
 
 def skip_reason() -> str | None:
     if os.geteuid() != 0:
-        return "needs root to create the non-root server (it drops to nobody)"
+        return f"needs root to create the non-root server (it drops to {USER})"
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
     if os.stat("/dev/fuse").st_mode & 0o006 != 0o006 and not (
@@ -60,9 +64,9 @@ def skip_reason() -> str | None:
     if not os.stat(tool).st_mode & 0o4000:
         return "fusermount3 is not setuid root"
     try:
-        pwd.getpwnam("nobody")
+        pwd.getpwnam(USER)
     except KeyError:
-        return "no user nobody"
+        return f"no user {USER}"
     return None
 
 
@@ -95,34 +99,35 @@ def users_dev_fuse(base: Path):
         holder.stdout.close()
 
 
-def as_nobody(prefix: list[str], script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, "su", "nobody", "-s", "/bin/sh", "-c", script],
+def as_user(prefix: list[str], script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, "su", USER, "-s", "/bin/sh", "-c", script],
                           capture_output=True, text=True, timeout=60)
 
 
 def test_normal_user_mounts_through_fusermount3():
-    nobody = pwd.getpwnam("nobody")
+    user = pwd.getpwnam(USER)
+    assert user.pw_uid != 65534
     base = Path(tempfile.mkdtemp(prefix="pyhv-share-user-"))
     os.chmod(base, 0o755)
     host, mnt = base / "host", base / "mnt"
     for d in (host, mnt):
         d.mkdir()
-        os.chown(d, nobody.pw_uid, nobody.pw_gid)
+        os.chown(d, user.pw_uid, user.pw_gid)
     (host / "hello").write_text("from the host\n")
-    os.chown(host / "hello", nobody.pw_uid, nobody.pw_gid)
+    os.chown(host / "hello", user.pw_uid, user.pw_gid)
     (host / "roots").write_text("root's file\n")          # another owner: shows as 65534
     try:
         with users_dev_fuse(base) as (prefix, ns_pid):
-            run_as_nobody(base, host, mnt, nobody, prefix, ns_pid)
+            run_as_user(base, host, mnt, user, prefix, ns_pid)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_as_nobody(base: Path, host: Path, mnt: Path, nobody, prefix: list[str],
+def run_as_user(base: Path, host: Path, mnt: Path, user, prefix: list[str],
                   ns_pid: int) -> None:
     r, w = os.pipe()
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-c", LAUNCH, str(nobody.pw_uid), "share", "serve", str(host),
+        [*prefix, sys.executable, "-c", LAUNCH, str(user.pw_uid), "share", "serve", str(host),
          "--mount", str(mnt), "--ready-fd", str(w)],
         pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=base,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -137,18 +142,18 @@ def run_as_nobody(base: Path, host: Path, mnt: Path, nobody, prefix: list[str],
         server_ids = {line.split()[0]: line.split()[1:] for line in
                       Path(f"/proc/{proc.pid}/status").read_text().splitlines()
                       if line.startswith(("Uid:", "Gid:", "CapEff:"))}
-        assert server_ids["Uid:"] == [str(nobody.pw_uid)] * 4
+        assert server_ids["Uid:"] == [str(user.pw_uid)] * 4
         assert server_ids["CapEff:"] == ["0000000000000000"]
-        out = as_nobody(prefix, f"cd {mnt} && cat hello && echo written > new && mkdir sub && "
+        out = as_user(prefix, f"cd {mnt} && cat hello && echo written > new && mkdir sub && "
                         f"echo inner > sub/f && cat sub/f && ls -n . && rm new")
         assert out.returncode == 0, out.stderr
         assert "from the host\ninner\n" in out.stdout
         owners = {f.split()[-1]: (f.split()[2], f.split()[3]) for f in out.stdout.splitlines()
                   if f.startswith(("-", "d"))}
-        assert owners["hello"] == (str(nobody.pw_uid), str(nobody.pw_gid))    # the caller
+        assert owners["hello"] == (str(user.pw_uid), str(user.pw_gid))    # the caller
         assert owners["roots"] == ("65534", "65534")                           # other ids
         assert (host / "sub" / "f").read_text() == "inner\n"
-        assert (host / "sub" / "f").stat().st_uid == nobody.pw_uid
+        assert (host / "sub" / "f").stat().st_uid == user.pw_uid
         assert not (host / "new").exists()
     finally:
         proc.send_signal(signal.SIGTERM)
