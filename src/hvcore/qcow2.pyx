@@ -37,8 +37,8 @@ from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_IO, K_COMP, K_DAT
                               q2_lock_init, q2_raise, q2_sync, q2_unlock, q2_unlock_rc,
                               read_table)
 from hvcore.qcow2_pipe cimport AioRun, run_aio
-from hvcore.qcow2_l2 cimport (classify, do_flush, l1_grow, l2_entry, l2_get, l2_init,
-                              l2_release, set_entry)
+from hvcore.qcow2_l2 cimport (classify, do_flush, do_write_back, l1_grow, l2_entry, l2_get,
+                              l2_init, l2_release, set_entry)
 from hvcore.qcow2_refcount cimport alloc, meta_set, rc_init, rc_release
 
 import os
@@ -58,12 +58,8 @@ cdef inline void lock(Q2 *q) noexcept:
 cdef class Qcow2:
     """One open qcow2 file: tables, caches and the per-cluster read/write/zero loops.
 
-    Built by pyhv.disk.qcow2 after it has parsed and validated the header."""
-
-    cdef Q2 q
-    cdef bint _locked
-    cdef object _backing_read
-    cdef object _decompress
+    Built by pyhv.disk.qcow2 after it has parsed and validated the header. Its fields are
+    declared in qcow2.pxd."""
 
     def __cinit__(self, int fd, *, int cluster_bits, uint64_t size, uint64_t l1_offset,
                   uint64_t l1_size, uint64_t rt_offset, uint64_t rt_clusters,
@@ -305,6 +301,15 @@ cdef class Qcow2:
         with nogil:
             q2_lock(&self.q)
             rc = q2_unlock_rc(&self.q, do_flush(&self.q))
+        q2_raise(&self.q, rc)
+
+    def write_back(self):
+        """Cached metadata into the file without waiting for the disk (qcow2_l2's
+        do_write_back): a killed process then loses no acknowledged write."""
+        cdef int rc
+        with nogil:
+            q2_lock(&self.q)
+            rc = q2_unlock_rc(&self.q, do_write_back(&self.q))
         q2_raise(&self.q, rc)
 
     def map_range(self, uint64_t offset, uint64_t length):

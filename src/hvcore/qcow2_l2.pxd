@@ -1,4 +1,5 @@
-# The L1 table, the L2 table cache, guest-offset classification and the crash-safe flush.
+# The L1 table, the L2 table cache, guest-offset classification and the crash-safe flush
+# (and write-back).
 from libc.stdint cimport int32_t, uint64_t
 
 from hvcore.qcow2_io cimport Q2
@@ -14,3 +15,4 @@ cdef int classify(Q2 *q, uint64_t goff, uint64_t maxlen, uint64_t *plen,
                   uint64_t *phost) noexcept nogil
 cdef int l1_grow(Q2 *q, uint64_t new_size) noexcept nogil
 cdef int do_flush(Q2 *q) noexcept nogil
+cdef int do_write_back(Q2 *q) noexcept nogil

@@ -14,8 +14,8 @@ from hvcore.qcow2_cache cimport (bc_drop, bc_fill, bc_grow, bc_init, bc_release,
                                  bc_victim)
 from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_BITMAP, E_DATA_ALIGN,
                               E_L1_RANGE, E_L2_ALIGN, E_NOMEM, K_COMP, K_DATA, K_UNALLOC,
-                              K_ZERO, OFF_MASK, Q2, ZEROF, pread_exact, pwrite_all, q2_drain,
-                              q2_fail, q2_sync, write_table)
+                              K_ZERO, OFF_MASK, Q2, ZEROF, flush_pw, pread_exact, pwrite_all,
+                              q2_drain, q2_fail, q2_sync, write_table)
 from hvcore.qcow2_refcount cimport (add_free, alloc, apply_frees, meta_set,
                                     write_refcounts)
 
@@ -249,3 +249,32 @@ cdef int do_flush(Q2 *q) noexcept nogil:
     if q.nfrees:
         q2_drain(q)
     return apply_frees(q)
+
+
+cdef int do_write_back(Q2 *q) noexcept nogil:
+    """Cached metadata into the file, not to the disk: what a device does before it
+    acknowledges a write, so a killed process loses no acknowledged write (the kernel
+    keeps what was written). The order a host crash needs is kept with a barrier only
+    where metadata was allocated: refcount blocks reach the disk before any L2 entry that
+    uses their clusters is written, an L2 table before the L1 entry that points to it.
+    (The caller holds the lock.)"""
+    cdef int32_t s
+    cdef bint refcounts = q.rt_dirty, l2 = False
+    if q.readonly:
+        return 0
+    for s in range(q.rb.slots):
+        refcounts = refcounts or (q.rb.idx[s] >= 0 and q.rb.dirty[s])
+    for s in range(q.l2.slots):
+        l2 = l2 or (q.l2.idx[s] >= 0 and q.l2.dirty[s])
+    if not (refcounts or l2 or q.l1_dirty):
+        return 0
+    if flush_pw(q) < 0:
+        return -1
+    if refcounts and (write_refcounts(q, False) < 0 or q2_sync(q) < 0):
+        return -1
+    for s in range(q.l2.slots):
+        if q.l2.idx[s] >= 0 and q.l2.dirty[s] and write_l2_slot(q, s) < 0:
+            return -1
+    if q.l1_dirty and (q2_sync(q) < 0 or write_l1(q) < 0):
+        return -1
+    return 0

@@ -141,10 +141,11 @@ def test_pyhvs_own_vmm_says_it_has_no_disks_yet(image):
 
 
 def test_flushed_writes_survive_a_killed_backend_and_qemu_reconnects(image, tmp_path):
-    """kill -9 of the backend while the guest writes (each block flushed: virtio-blk has a
-    writeback cache, as with QEMU a write is durable once the guest's FLUSH returns); a new
-    backend on the same socket is taken back (`reconnect=1`), the guest goes on, every
-    block it saw flushed is on the image and qemu-img check is clean."""
+    """kill -9 of the backend while the guest writes and flushes each block; a new backend
+    on the same socket is taken back (`reconnect=1`), the guest goes on, every block it
+    saw flushed is on the image (its metadata was in the file before the write was
+    acknowledged, even when the new backend answered the FLUSH), and qemu-img check finds
+    leaks at most."""
     sock = tmp_path / "blk.sock"
     argv = [sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket", str(sock),
             "--ready"]
@@ -183,4 +184,5 @@ def test_flushed_writes_survive_a_killed_backend_and_qemu_reconnects(image, tmp_
     qemu_img("convert", "-O", "raw", image, raw)
     data = raw.read_bytes()
     assert [i for i in flushed if data[i * 65536:(i + 1) * 65536] != bytes([i]) * 65536] == []
-    assert check(image)[0] == 0
+    rc, report = check(image)                       # leaks at most (the killed backend's)
+    assert rc in (0, 3) and not report.get("corruptions"), report

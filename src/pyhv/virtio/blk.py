@@ -5,7 +5,12 @@ A request is a byte stream, not a set of buffers (the spec lets a driver cut it 
 a 16-byte header in the readable buffers, then the data (written to the disk) or the
 discard/write-zeroes segments; the writable buffers take the data read and end with the
 status byte. A request the disk refuses (out of range, read-only, an I/O error) is
-answered with an error status and logged once per kind; the queue and the disk go on."""
+answered with an error status and logged once per kind; the queue and the disk go on.
+
+Before a write is acknowledged its metadata is written back into the image file (not
+synced: `hvcore.qcow2_l2.do_write_back`), so a backend killed afterwards loses no write
+the guest saw complete, and the guest's FLUSH still covers it, whichever backend process
+answers the FLUSH (QEMU takes a restarted backend back)."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_TOPOLOGY, F_MQ = (
     1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 9, 1 << 10, 1 << 12)
 F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
 SECTOR = 512
+CHANGING = (T_OUT, T_DISCARD, T_WRITE_ZEROES)
 SEG_MAX = 254                       # data buffers per request (Linux's max_segments)
 SIZE_MAX = 1 << 20                  # bytes per buffer
 MAX_DISCARD_SECTORS = MAX_ZEROES_SECTORS = 0x7FFFFFFF >> 9     # QEMU's request limit
@@ -74,6 +80,19 @@ class BlkDevice(Device):
     def handler(self, index: int):
         return self.handle
 
+    def taker(self, index: int, queue):
+        """Reads and writes of Linux's shape never reach Python (hvcore.virtio.blk)."""
+        from hvcore.qcow2 import Qcow2
+        from hvcore.virtio.blk import BlkQueue
+
+        core = getattr(self.disk, "core", None)
+        if isinstance(core, Qcow2):
+            return BlkQueue(queue, core, -1, self.disk.size, self.readonly).next
+        if self.disk.format == "raw":
+            return BlkQueue(queue, None, self.disk.fd, self.disk.size, self.readonly,
+                            self.disk.probed).next
+        return None
+
     def handle(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
         """One request; returns the bytes written into `writable` (data and status)."""
         rlen, wlen = sum(map(len, readable)), sum(map(len, writable))
@@ -88,6 +107,8 @@ class BlkDevice(Device):
             status = self._do(kind, sector, readable, rlen, writable, wlen)
             if kind in (T_IN, T_GET_ID) and status == S_OK:
                 written = wlen
+            if kind in CHANGING and status == S_OK and hasattr(self.disk, "write_back"):
+                self.disk.write_back()      # acknowledged: must survive a killed backend
         except (DiskError, OSError, ValueError) as e:
             self._fail(f"{_name(kind)} at sector {sector}: {e}")
             status = S_IOERR
