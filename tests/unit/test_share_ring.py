@@ -9,6 +9,7 @@ import os
 import pytest
 
 from hvcore.fs.ring import FuseRing
+from hvcore.fs.ring import serve as serve_ring
 from pyhv.share.options import ShareOptions
 from pyhv.share.server import FuseServer
 
@@ -40,7 +41,7 @@ def test_a_refused_queue_ends_with_the_kernels_errno(tmp_path):
     try:
         server = FuseServer(ShareOptions(str(tmp_path)))
         ring.register()
-        assert server.fast.serve_ring(ring) == -1
+        assert serve_ring(server.fast, ring) == -1
         server.close()
         assert ring.ended
         assert ring.error in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EBADF)

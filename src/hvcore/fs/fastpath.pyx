@@ -27,7 +27,6 @@ from hvcore.fs.attr cimport (fill_attr_st, fill_entry_st, split_time, reply_head
                             IdAxis, to_guest, to_host)
 from hvcore.fs.dirs cimport opendir, readdir
 from hvcore.fs.files cimport FileTable
-from hvcore.fs.ring cimport FuseRing
 from hvcore.fs.lookup cimport adopt, lookup
 from hvcore.fs.inodes cimport NodeTable
 from hvcore.fs.ops cimport _open_beneath
@@ -59,7 +58,6 @@ DEF OVERFLOW = 65534
 cdef uint32_t UNCHANGED = 0xFFFFFFFF
 DEF MAX_RANGES = 8           # IdAxis keeps this many
 DEF NO_REPLY = -1
-DEF STREAM_READ = 131072     # a READ this large is part of a stream (FuseRing._place)
 # flags a client may pass that make no sense on a reopen (as pyhv.share.data.DROP_FLAGS)
 cdef int DROP_FLAGS = O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW | O_DIRECT
 
@@ -81,22 +79,10 @@ cdef inline const char *_name(const uint8_t *req, Py_ssize_t off, Py_ssize_t n) 
     return <const char *>p
 
 
-cdef inline bint _quick(uint32_t op) noexcept nogil:
-    """Requests answered from the tables and one metadata call, never waiting on data I/O."""
-    return (op == FUSE_LOOKUP or op == FUSE_GETATTR or op == FUSE_FORGET
-            or op == FUSE_BATCH_FORGET or op == FUSE_FLUSH or op == FUSE_RELEASE
-            or op == FUSE_RELEASEDIR or op == FUSE_OPENDIR)
-
-
-cdef inline bint _quick_py(uint32_t op) noexcept nogil:
-    """Requests for the Python handler that never wait (the reader keeps its turn)."""
-    return (op == FUSE_GETXATTR or op == FUSE_LISTXATTR or op == FUSE_STATFS
-            or op == FUSE_ACCESS or op == FUSE_READLINK)
-
-
 cdef class FastPath:
-    """Answers the hot requests in C (`serve`, `serve_dev`); 0 means "for Python". Its
-    fields are declared in fastpath.pxd."""
+    """Answers the hot requests in C (`serve`, and `_serve` for the transports that call it
+    from C: hvcore.fs.devfuse, .ring, .virtiofs); 0 means "for Python". Its fields are
+    declared in fastpath.pxd."""
 
     def __cinit__(self, NodeTable nodes not None, FileTable files not None):
         self.nodes = nodes
@@ -433,103 +419,4 @@ cdef class FastPath:
         cdef uint8_t *op = &o[0]
         with nogil:
             n = self._serve(rp, rq.shape[0], op, o.shape[0])
-        return n
-
-    def keeps_turn(self, req) -> bool:
-        """Whether `serve_dev` returned this request (for Python) with the reading turn
-        still held: pass `leader=True` to the next call (or `release_turn()`)."""
-        cdef const uint8_t[::1] rq = req
-        if rq.shape[0] < <Py_ssize_t>sizeof(fuse_in_header):
-            return False
-        return _quick_py((<const fuse_in_header *>&rq[0]).opcode)
-
-    def release_turn(self) -> None:
-        pthread_mutex_unlock(&self.lead)
-
-    def serve_ring(self, FuseRing ring) -> int:
-        """Serve a FUSE-over-io_uring queue (`hvcore.fs.ring`) from the calling thread, answering
-        what this path answers without the GIL, until a request is for the Python handler:
-        returns its entry (`ring.request()` has it; answer with `ring.reply` or `ring.post`),
-        or -1 when the queue has ended (`ring.error` says why, 0 for an unmount)."""
-        cdef int e
-        cdef const uint8_t *rq
-        cdef uint8_t *out
-        cdef Py_ssize_t n, cap, m, hdr = sizeof(fuse_in_header)
-        cdef const fuse_in_header *h
-        cdef bint stream
-        with nogil:
-            while True:
-                e = ring._next(&rq, &n, &out, &cap)
-                if e < 0:
-                    break
-                h = <const fuse_in_header *>rq
-                stream = (h.opcode == FUSE_READ and n >= hdr + <Py_ssize_t>sizeof(fuse_read_in)
-                          and (<const fuse_read_in *>(rq + hdr)).size >= STREAM_READ)
-                ring._place(stream)
-                m = self._serve(rq, n, out, cap)
-                if m == 0:
-                    ring._submit(0)     # replies held for a burst go before Python's turn
-                    break
-                if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
-                    m = reply_header(out, h.unique, ENOSYS, sizeof(fuse_out_header))
-                ring._fill(e, out, m)
-                ring._commit(e)
-                if stream or n >= STREAM_READ:
-                    ring._submit(0)     # bulk data: its reader should not wait for a burst
-        return e
-
-    def serve_dev(self, int devfd, buf, out, int pipe_r=-1, int pipe_w=-1,
-                  Py_ssize_t pipe_cap=0, bint leader=False) -> int:
-        """Read requests from a /dev/fuse descriptor into `buf`, answering what this path
-        answers without the GIL, until one is for the Python handler: returns its length (it
-        is in `buf`), 0 at end of file, or -errno when the read fails (EINTR, EAGAIN, ENOENT:
-        retried).
-
-        Readers take turns as leader/followers: only the reader holding `lead` reads, and it
-        keeps reading after a quick request (`_quick`), so a client's requests one after
-        another are served by one awake thread; before anything that may take a while it
-        hands the turn on (a request for Python keeps it when it never waits, `keeps_turn`).
-        (With every reader in read(), the kernel wakes the one asleep longest, on whichever
-        CPU: about 9 us more per LOOKUP on two CPUs.)"""
-        cdef uint8_t[::1] b = buf
-        cdef uint8_t[::1] o = out
-        cdef ssize_t n = 0
-        cdef Py_ssize_t m
-        if b.shape[0] == 0 or o.shape[0] == 0:
-            raise ValueError("empty buffer")
-        cdef uint8_t *bp = &b[0]
-        cdef uint8_t *op = &o[0]
-        cdef Py_ssize_t bn = b.shape[0], on = o.shape[0]
-        cdef uint32_t opc
-        with nogil:
-            while True:
-                if not leader:
-                    pthread_mutex_lock(&self.lead)
-                    leader = 1
-                n = read(devfd, bp, bn)
-                if n < 0:
-                    if errno == EINTR or errno == EAGAIN or errno == ENOENT:
-                        continue
-                    n = -errno
-                    break
-                if n == 0:
-                    break
-                opc = (<const fuse_in_header *>bp).opcode if n >= <ssize_t>sizeof(
-                    fuse_in_header) else 0
-                if not _quick(opc) and not _quick_py(opc):
-                    pthread_mutex_unlock(&self.lead)    # may take a while: another reads on
-                    leader = 0
-                if pipe_r >= 0 and self.files._splice_read(bp, n, devfd, pipe_r, pipe_w,
-                                                           pipe_cap, op):
-                    continue
-                m = self._serve(bp, n, op, on)
-                if m == 0:
-                    if leader and not _quick_py(opc):
-                        pthread_mutex_unlock(&self.lead)    # Python's; it may wait
-                        leader = 0
-                    break
-                if m > 0:
-                    write(devfd, op, m)     # ENOENT: the request was interrupted meanwhile
-            if leader and n <= 0:
-                pthread_mutex_unlock(&self.lead)
         return n

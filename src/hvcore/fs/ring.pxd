@@ -1,6 +1,5 @@
-# hvcore.fs.ring: one FUSE-over-io_uring queue (the kernel's per-CPU request queue), cimported
-# by the fast path (fs.fastpath.FastPath.serve_ring), which answers requests in C between
-# `_next` and `_commit`.
+# hvcore.fs.ring: one FUSE-over-io_uring queue (the kernel's per-CPU request queue); its
+# `serve` answers requests in C through the fast path between `_next` and `_commit`.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 

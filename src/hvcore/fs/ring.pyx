@@ -30,16 +30,19 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hvcore.aio cimport uring_close, uring_setup
 from hvcore.fs.attr cimport reply_header
+from hvcore.fs.fastpath cimport FastPath
 from hvcore.includes.aio cimport (IORING_ENTER_GETEVENTS, IORING_OP_READ, IORING_OP_URING_CMD,
                                   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
                                   IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
                                   SYS_io_uring_enter, aq_load_acquire, aq_store_release,
                                   io_uring_cqe, io_uring_sqe, syscall)
-from hvcore.includes.fuse cimport fuse_in_header, fuse_out_header
+from hvcore.includes.fuse cimport FUSE_READ, fuse_in_header, fuse_out_header, fuse_read_in
 from hvcore.includes.sys cimport pthread_mutex_init, pthread_mutex_destroy
 from hvcore.includes.sys cimport pthread_mutex_lock, pthread_mutex_unlock
 
 import os
+
+DEF STREAM_READ = 131072     # a READ this large is part of a stream (FuseRing._place)
 
 cdef extern from "<sched.h>" nogil:
     int sched_setaffinity(int pid, size_t size, const cpu_set_t *mask)
@@ -402,3 +405,36 @@ cdef class FuseRing:
         self._fill(e, self.small_out, reply_header(self.small_out, self.commit_ids[e], ENOSYS,
                                                    sizeof(fuse_out_header)))
         self._commit(e)
+
+
+def serve(FastPath fast not None, FuseRing ring not None) -> int:
+    """Serve a FUSE-over-io_uring queue (`hvcore.fs.ring`) from the calling thread, answering
+    what this path answers without the GIL, until a request is for the Python handler:
+    returns its entry (`ring.request()` has it; answer with `ring.reply` or `ring.post`),
+    or -1 when the queue has ended (`ring.error` says why, 0 for an unmount)."""
+    cdef int e
+    cdef const uint8_t *rq
+    cdef uint8_t *out
+    cdef Py_ssize_t n, cap, m, hdr = sizeof(fuse_in_header)
+    cdef const fuse_in_header *h
+    cdef bint stream
+    with nogil:
+        while True:
+            e = ring._next(&rq, &n, &out, &cap)
+            if e < 0:
+                break
+            h = <const fuse_in_header *>rq
+            stream = (h.opcode == FUSE_READ and n >= hdr + <Py_ssize_t>sizeof(fuse_read_in)
+                      and (<const fuse_read_in *>(rq + hdr)).size >= STREAM_READ)
+            ring._place(stream)
+            m = fast._serve(rq, n, out, cap)
+            if m == 0:
+                ring._submit(0)     # replies held for a burst go before Python's turn
+                break
+            if m < 0:           # FORGET: never sent over the ring, but an entry needs a reply
+                m = reply_header(out, h.unique, ENOSYS, sizeof(fuse_out_header))
+            ring._fill(e, out, m)
+            ring._commit(e)
+            if stream or n >= STREAM_READ:
+                ring._submit(0)     # bulk data: its reader should not wait for a burst
+    return e

@@ -1,11 +1,11 @@
 """The /dev/fuse transport: mount, a pool of reader threads on cloned descriptors, unmount.
 
 Each reader owns a descriptor cloned with FUSE_DEV_IOC_CLONE and reads requests in C
-(`hvcore.fs.fastpath.FastPath.serve_dev`), which answers the hot requests (LOOKUP, GETATTR,
-FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself without the GIL (a large
-READ is spliced from the file through the reader's pipe); any other request goes to
-`FuseServer.dispatch`, and its reply is written with one writev. Readers take turns
-reading (leader/followers, `FastPath.serve_dev`) so a client's requests one after another
+(`hvcore.fs.devfuse.serve`, through `hvcore.fs.fastpath`), which answers the hot requests
+(LOOKUP, GETATTR, FORGET, OPEN, CREATE, READ, WRITE, FLUSH, RELEASE, UNLINK) itself
+without the GIL (a large READ is spliced from the file through the reader's pipe); any
+other request goes to `FuseServer.dispatch`, and its reply is written with one writev.
+Readers take turns reading (leader/followers) so a client's requests one after another
 are served by one awake thread. When every
 reader but one is busy (a slow read, a lock wait) another is started, up to `max_threads`, so
 one slow request never blocks the others. Readers end when the kernel ends the connection (ENODEV on
@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 
+from hvcore.fs import devfuse as dev
 from hvcore.fs import proto as fp
 from pyhv.errors import PyhvError
 from pyhv.share import ring
@@ -213,14 +214,13 @@ class DevFuse:
         view = memoryview(buf)
         handle = self.server.dispatch
         fast = self.server.fast
-        serve_dev = fast.serve_dev
         pipe_r, pipe_w, pipe_cap = _splice_pipe()
         turn = False                        # this reader holds the reading turn (fs.fastpath)
         try:
             while True:
                 # the hot requests answered inside, no GIL (large READs spliced through the pipe)
-                n = serve_dev(fd, buf, out, pipe_r, pipe_w, pipe_cap, turn)
-                turn = n > 0 and fast.keeps_turn(view[:n])
+                n = dev.serve(fast, fd, buf, out, pipe_r, pipe_w, pipe_cap, turn)
+                turn = n > 0 and dev.keeps_turn(view[:n])
                 if n < 0:
                     if -n != errno.ENODEV:
                         log.warning("read /dev/fuse: %s", os.strerror(-n))
@@ -247,7 +247,7 @@ class DevFuse:
                     self._idle += 1
         finally:
             if turn:
-                fast.release_turn()
+                dev.release_turn(fast)
             view.release()
             if own:
                 os.close(fd)

@@ -7,7 +7,7 @@ io_uring_enter also commits a reply and fetches the next request. Measured here 
 /dev/fuse: about 2x the creates and unlinks per second and 1.7x the 4 KiB random reads. A
 stream of large READs unpins its thread while it lasts (`FuseRing._place`): reading beside
 the reader, not on its CPU, keeps sequential reads at /dev/fuse's speed. The queues
-answer the hot requests in C (`hvcore.fs.fastpath.FastPath.serve_ring` over `hvcore.fs.ring`);
+answer the hot requests in C (`hvcore.fs.ring.serve`, through `hvcore.fs.fastpath`);
 the rest go to `FuseServer.dispatch` on the queue's thread, or on a worker thread when they
 may wait (a lock wait, an fsync, a large copy) so one slow request never holds a queue.
 
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hvcore.fs import proto as fp
 from hvcore.fs.ring import FuseRing
+from hvcore.fs.ring import serve as serve_ring
 
 log = logging.getLogger("pyhv.share")
 
@@ -135,10 +136,10 @@ class RingQueues:
             ring.close()
 
     def _serve(self, ring: FuseRing) -> None:
-        serve_ring = self.server.fast.serve_ring
+        fast = self.server.fast
         handle = self.server.dispatch
         while True:
-            e = serve_ring(ring)
+            e = serve_ring(fast, ring)
             if e < 0:
                 return
             req = ring.request()
