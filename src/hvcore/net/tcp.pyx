@@ -697,6 +697,15 @@ cdef inline bint _is_syn(Packet p) noexcept:
     return p.kind == K_IPV4 and p.proto == 6 and p.flags & SYN_MASK == F_SYN
 
 
+cpdef bint reuses_pair(TcpConn conn, Packet pkt):
+    """Whether `pkt` ends `conn` and starts a new connection on the same address pair: a
+    bare SYN for a flow in TIME_WAIT with a sequence number past what the flow received
+    (as Linux lets a TIME_WAIT pair be reused). Anything else for a known flow is the
+    flow's (a late ACK, FIN or RST, an old SYN). The one place this is decided."""
+    return conn.state == S_TIME_WAIT and pkt.flags & (F_SYN | F_ACK | F_RST) == F_SYN and \
+        _unwrap(pkt.seq, conn.rcv_nxt) > conn.rcv_nxt
+
+
 cpdef list syns_first(list pkts):
     """The batch with new connections' SYNs moved to the front: a guest that closes one
     connection and opens the next sends FIN and SYN together, and the SYN-ACK (what the
@@ -744,10 +753,7 @@ cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
                         continue
                 else:
                     conn = <TcpConn>c
-                    # in TIME_WAIT only a bare SYN (the pair reused) needs the flow table;
-                    # the rest (the peer's late ACK, FIN or RST) is the flow's
-                    if conn.state != S_TIME_WAIT or \
-                            pkt.flags & (F_SYN | F_ACK | F_RST) != F_SYN:
+                    if not reuses_pair(conn, pkt):      # (a reused pair: the flow table's)
                         conn.segment(pkt)
                         continue
             other(pkt)

@@ -22,7 +22,15 @@ from collections import Counter
 
 from hvcore.net.hostsock import HostSocket, Poller
 from hvcore.net.packet import ACK, FIN, RST, SYN
-from hvcore.net.tcp import CONNECTING, FIN_WAIT_2, M32, STATES, TIME_WAIT, NatCore, TcpConn, unwrap
+from hvcore.net.tcp import (
+    CONNECTING,
+    FIN_WAIT_2,
+    M32,
+    STATES,
+    NatCore,
+    TcpConn,
+    reuses_pair,
+)
 
 SWEEP = 5.0
 FIN_WAIT_2_TIMEOUT = 60.0
@@ -54,8 +62,7 @@ class TcpNat(NatCore):
         conn = self.conns.get(key)
         flags = pkt.flags
         if conn is not None:
-            if conn.state != TIME_WAIT or flags & (SYN | ACK | RST) != SYN or \
-                    unwrap(pkt.seq, conn.rcv_nxt) <= conn.rcv_nxt:
+            if not reuses_pair(conn, pkt):
                 conn.segment(pkt)
                 return
             conn.finish()                       # a new connection reuses a TIME_WAIT pair
