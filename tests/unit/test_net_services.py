@@ -166,3 +166,38 @@ def test_host_targets_and_no_host_loopback():
     assert stack.host_target(ip("93.184.216.34"), 443, "tcp") == ("93.184.216.34", 443)
     off = Stack(NetConfig(host_loopback=None), FramePort())
     assert off.host_target(ip("192.168.65.254"), 80, "tcp") is None
+
+
+def test_frames_before_the_guest_mac_are_held_then_sent():
+    """A forward's SYN can come before the guest has sent a frame: up to 64 frames wait
+    (ARP ones are not kept), the rest are counted, ARP asks for the guest at most every
+    200 ms, and the first frame from the guest sends them with its MAC."""
+    from pyhv.net.config import ip
+    from pyhv.net.ports import FramePort
+    from pyhv.net.stack import Stack
+
+    class Recorder(FramePort):
+        def __init__(self):
+            super().__init__()
+            self.sent = []
+
+        def send(self, frames):
+            self.sent.extend(bytes(f) for f in frames)
+
+    port = Recorder()
+    stack = Stack(NetConfig(mtu=1500), port)
+    gw, guest = ip("192.168.65.1"), ip("192.168.65.2")
+    udp = [stack.builder.udp(gw, 53, guest, 4000 + i, b"x") for i in range(70)]
+    arp = stack.builder.arp_request(guest, gw)
+    stack.send(udp[:60] + [arp])
+    stack.send(udp[60:])
+    assert len(stack.held) == 64
+    assert stack.counters["dropped: no guest MAC yet"] == 6
+    assert len(port.sent) == 1 and port.sent[0][12:14] == b"\x08\x06"    # one ARP request
+    guest_mac = 0x5255_0A00_0002
+    b = n.Builder(guest_mac)
+    b.guest_mac = stack.builder.gateway_mac
+    stack.packet(n.parse(bytes(b.arp_request(gw, guest)), False))
+    to_guest = [f for f in port.sent[1:] if f[12:14] == b"\x08\x00"]
+    assert len(to_guest) == 64 and stack.held == []
+    assert all(f[:6] == guest_mac.to_bytes(6, "big") for f in to_guest)

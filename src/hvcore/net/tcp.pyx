@@ -766,6 +766,7 @@ cdef _dispatch(frames, bint vnet, builder, dict conns, syn, other, error):
 # ---- the stack's per-frame part
 
 DEF BROADCAST_MAC = 0xFFFFFFFFFFFF
+DEF HELD_MAX = 64                           # frames held until the guest's MAC is known
 
 
 cdef class StackCore:
@@ -790,10 +791,14 @@ cdef class StackCore:
     cdef public bint vnet, host_written
     cdef public set ack_pending, delayed     # flows owing an ACK: now / in DELACK
     cdef public list deferred                # work that can wait as long
+    cdef public list held                    # frames waiting for the guest's MAC (hold)
+    cdef public double last_arp
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self.ack_pending, self.delayed, self.deferred = set(), set(), []
+        self.held = []
+        self.last_arp = -1e9                 # (the first frame held asks at once)
         self.tfd = -1
         self.alias = -1
 
@@ -896,8 +901,23 @@ cdef class StackCore:
         else:
             self.port.send(frames)
 
-    def hold(self, list frames) -> None:
-        raise NotImplementedError
+    cpdef hold(self, list frames):
+        """No frame from the guest yet, so no MAC to send to (a forward's SYN can come
+        first): keep up to HELD_MAX frames (not ARP: the guest answers the request sent
+        here, and its answer teaches the MAC), count the rest, and ask with ARP for the
+        guest's address at most every 200 ms. `pyhv.net.stack.Stack.learn` sends them."""
+        cdef Py_ssize_t room = HELD_MAX - len(self.held)
+        cdef Py_ssize_t at = 12 + (10 if self.vnet else 0)
+        cdef double now
+        for f in frames[:max(room, 0)]:
+            if (f[0] if type(f) is tuple else f)[at:at + 2] != b"\x08\x06":
+                self.held.append(f)
+        if len(frames) > room:
+            self.counters["dropped: no guest MAC yet"] += len(frames) - max(room, 0)
+        now = self.loop.time() if self.loop is not None else 0.0
+        if now - self.last_arp > 0.2:
+            self.last_arp = now
+            self.port.send([self.builder.arp_request(self.cfg.guest, self.cfg.gw)])
 
     cpdef delay_ack(self, conn):
         """`conn` owes the guest an ACK in DELACK (one timer for all flows)."""

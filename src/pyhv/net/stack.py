@@ -17,7 +17,6 @@ from pyhv.net.frag import Fragments
 from pyhv.net.ports import FramePort
 
 log = logging.getLogger(__name__)
-HELD_MAX = 64
 
 
 class Counts(dict):
@@ -54,8 +53,6 @@ class Stack(StackCore):
         self.conns, self.on_syn, self.on_other = self.tcp.conns, self.tcp.syn, self.packet
         self.host_written = False           # this batch wrote to a host socket
         self.configure(cfg)
-        self.held: list = []            # frames waiting for the guest's MAC (bounded)
-        self.last_arp = 0.0
         self.dns_addr: tuple[str, int] | None = None      # the built-in DNS server (UDP)
         self.dns_tcp_addr: tuple[str, int] | None = None  # and its TCP listener
         self.busy: BusyPoll | None = None
@@ -157,20 +154,6 @@ class Stack(StackCore):
             self.counters["ignored ip protocol"] += 1
 
     # ---- output (send: StackCore)
-
-    def hold(self, frames: list) -> None:
-        """No frame from the guest yet, so no MAC to send to (a forward's SYN can come
-        first): keep a few frames, and ask with ARP for the guest's address."""
-        room = HELD_MAX - len(self.held)
-        at = 12 + (10 if self.vnet else 0)
-        self.held.extend(f for f in frames[:room]
-                         if (f[0] if type(f) is tuple else f)[at:at + 2] != b"\x08\x06")
-        if len(frames) > room:
-            self.counters["dropped: no guest MAC yet"] += len(frames) - room
-        now = self.loop.time() if self.loop is not None else 0.0
-        if now - self.last_arp > 0.2:
-            self.last_arp = now
-            self.port.send([self.builder.arp_request(self.cfg.guest, self.cfg.gw)])
 
     def unreachable(self, pkt_head: bytes, code: int) -> None:
         """ICMP destination unreachable (code 0 net, 1 host, 3 port) quoting `pkt_head`,
