@@ -23,6 +23,8 @@ import logging
 import os
 import select
 
+from hvcore.net.counts import Counts
+
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from libc.string cimport memcpy
@@ -117,7 +119,7 @@ cdef class Poller:
 
     def __init__(self, loop, counters=None):
         self.loop = loop
-        self.counters = counters if counters is not None else {}
+        self.counters = counters if counters is not None else Counts()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise _oserror(errno)

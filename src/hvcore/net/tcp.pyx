@@ -43,6 +43,7 @@ from hvcore.net.ports cimport FrameFd
 from hvcore.net.packet cimport Packet, parse
 from hvcore.net.hostsock cimport HostSocket, Poller
 from hvcore.net.hostsock import connect_tcp, tcp_socket
+from hvcore.net.counts import Counts
 from hvcore.net.reassembly import Reassembly
 
 log = logging.getLogger(__name__)
@@ -797,6 +798,7 @@ cdef class StackCore:
 
     def __cinit__(self, *args, **kwargs):
         self.ack_pending, self.delayed, self.deferred = set(), set(), []
+        self.counters = Counts()             # the core's; the Python stack reads them
         self.held = []
         self.last_arp = -1e9                 # (the first frame held asks at once)
         self.tfd = -1

@@ -19,14 +19,6 @@ from pyhv.net.ports import FramePort
 log = logging.getLogger(__name__)
 
 
-class Counts(dict):
-    """Counters by name; a missing one reads 0. (collections.Counter does that too, but
-    its __delitem__ turns every store into a Python-level call.)"""
-
-    def __missing__(self, key: str) -> int:
-        return 0
-
-
 class Stack(StackCore):
     """One virtual network: a gateway, its services and NAT, behind one frame port.
     Receiving a batch, sending, delayed ACKs and deferred work are `StackCore`'s (C
@@ -42,7 +34,6 @@ class Stack(StackCore):
         self.vnet = port.offload
         self.builder = Builder(GATEWAY_MAC, cfg.mtu, port.offload)
         self.io = getattr(port, "io", None)     # a TAP port's frame I/O: sent to in C
-        self.counters: Counts = Counts()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guest_addrs: set[int] = {cfg.guest}
         self.frags = Fragments(cfg.max_fragments, cfg.fragment_timeout)
