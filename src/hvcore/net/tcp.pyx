@@ -1024,6 +1024,20 @@ cdef class NatCore:
         else:
             self.connect_failed(conn, err)
 
+    cpdef reset_for(self, Packet pkt):
+        """RST answering `pkt` (RFC 9293 3.10.7.1): a segment for no flow, a refused
+        destination."""
+        cdef long long seq, ack
+        cdef int flags
+        if pkt.flags & F_ACK:
+            seq, ack, flags = pkt.ack, 0, F_RST
+        else:
+            seq, flags = 0, F_RST | F_ACK
+            ack = (pkt.seq + pkt.payload_len + (1 if pkt.flags & F_SYN else 0)
+                   + (1 if pkt.flags & F_FIN else 0)) & C_M32
+        self.stack.send([self.stack.builder.tcp(pkt.dst, pkt.dport, pkt.src, pkt.sport, seq,
+                                                ack, flags, 0)])
+
     def refill(self) -> None:
         """Make sockets for the next SYNs ahead of time (with the deferred work, off the
         path of a handshake): socket() is a good part of a loopback connect's cost. Stops

@@ -21,7 +21,7 @@ import errno
 from collections import Counter
 
 from hvcore.net.hostsock import HostSocket, Poller
-from hvcore.net.packet import ACK, FIN, RST, SYN
+from hvcore.net.packet import ACK, RST, SYN
 from hvcore.net.tcp import (
     CONNECTING,
     FIN_WAIT_2,
@@ -73,17 +73,6 @@ class TcpNat(NatCore):
             return
         self.stack.counters["tcp segments for no flow"] += 1
         self.reset_for(pkt)
-
-    def reset_for(self, pkt) -> None:
-        """RST answering `pkt` (RFC 9293 3.10.7.1)."""
-        if pkt.flags & ACK:
-            seq, ack, flags = pkt.ack, 0, RST
-        else:
-            seq, flags = 0, RST | ACK
-            ack = (pkt.seq + pkt.payload_len + (1 if pkt.flags & SYN else 0)
-                   + (1 if pkt.flags & FIN else 0)) & M32
-        self.stack.send([self.stack.builder.tcp(pkt.dst, pkt.dport, pkt.src, pkt.sport, seq,
-                                                ack, flags, 0)])
 
     def connect_pending(self, conn: TcpConn, fd: int, dest: tuple[int, int]) -> None:
         """`conn`'s host connect is in flight: count it, wait for it (or time out)."""
