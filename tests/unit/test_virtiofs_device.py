@@ -153,3 +153,59 @@ def test_hostile_requests_get_errors_and_leave_nothing_outside(share, reqs):
                 os.system(f"rm -rf '{p}'")  # noqa: S605 - a test directory
             else:
                 p.unlink()
+
+
+def _split(fs: Fs, opcode: int, nodeid: int, args: bytes, data: bytes = b"",
+           out_args: int = 0, pages: int = 0) -> tuple[bytes, bytes, int]:
+    """A request as Linux's virtio-fs lays it out: the header, the arguments and the data
+    pages each in their own buffers, and likewise the reply. (reply header, reply
+    arguments and data, bytes written)."""
+    d = fs.drv
+    d.data = d.data_start
+    fs.unique += 1
+    head_in = IN_HEADER.pack(40 + len(args) + len(data), opcode, fs.unique, nodeid, 0, 0, 1,
+                             0, 0)
+    bufs = [(d.alloc(40, head_in), 40, False), (d.alloc(len(args), args), len(args), False)]
+    for at in range(0, len(data), 4096):
+        piece = data[at:at + 4096]
+        bufs.append((d.alloc(len(piece), piece), len(piece), False))
+    out_h = d.alloc(16)
+    bufs.append((out_h, 16, True))
+    if out_args:
+        bufs.append((d.alloc(out_args), out_args, True))
+    page_bufs = [d.alloc(4096) for _ in range(pages)]
+    bufs += [(p, 4096, True) for p in page_bufs]
+    head = d.chain(bufs)
+    d.publish(head)
+    fs.front.kick(1)
+    assert fs.front.wait_call(1)
+    (used,) = d.take_used()
+    reply = fs.mem.read(out_h, 16)
+    rest = b"".join(fs.mem.read(a, n) for a, n, w in bufs[bufs.index((out_h, 16, True)) + 1:])
+    return reply, rest, used[1]
+
+
+def test_linux_layout_lookup_read_write_readdir(share):
+    """Header, arguments and data pages in separate buffers: answered in C (the
+    requests are gathered, replies scattered, READ and WRITE data moved with
+    preadv/pwritev straight to and from the pages)."""
+    _sock, root, _top = share
+    fs = Fs(share[0])
+    fs.init()
+    reply, entry, n = _split(fs, LOOKUP, 1, b"file.txt\0", out_args=128)
+    assert struct.unpack_from("<i", reply, 4)[0] == 0 and n == 144
+    nodeid = struct.unpack_from("<Q", entry)[0]
+    reply, opened, _ = _split(fs, 14, nodeid, struct.pack("<II", os.O_RDWR, 0), out_args=16)
+    fh = struct.unpack_from("<Q", opened)[0]
+    data = os.urandom(8192 + 100)
+    reply, written, n = _split(fs, 16, nodeid, struct.pack("<QQIIQII", fh, 4096, len(data), 0,
+                                                            0, 0, 0), data=data, out_args=8)
+    assert struct.unpack_from("<I", written)[0] == len(data) and n == 24
+    assert (root / "file.txt").read_bytes()[4096:] == data
+    reply, got, n = _split(fs, 15, nodeid, struct.pack("<QQIIQII", fh, 4096, 3 * 4096, 0, 0,
+                                                        0, 0), pages=3)
+    assert n == 16 + len(data) and got[:len(data)] == data
+    reply, listing, n = _split(fs, 28, 1, struct.pack("<QQIIQII", 0, 0, 4096, 0, 0, 0, 0),
+                               pages=1)
+    assert struct.unpack_from("<i", reply, 4)[0] < 0       # (no directory handle: EBADF)
+    fs.front.close()

@@ -1,5 +1,7 @@
-# hvcore.fs.files: the open files by FUSE file handle, cimported by the fast path (fs.fastpath).
+# hvcore.fs.files: the open files by FUSE file handle, cimported by the fast path
+# (fs.fastpath) and the virtio-fs transport (fs.virtiofs: READ and WRITE on guest pages).
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
+from posix.uio cimport iovec
 from hvcore.includes.stat cimport stat
 from hvcore.includes.sys cimport pthread_mutex_t
 from hvcore.fs.inodes cimport NodeTable
@@ -32,6 +34,8 @@ cdef class FileTable:
     cdef Slot *_slot(self, uint64_t fh) noexcept nogil
     cdef Py_ssize_t _serve(self, const uint8_t *req, Py_ssize_t n, uint8_t *out,
                            Py_ssize_t cap) noexcept nogil
+    cdef Py_ssize_t _serve_vec(self, const uint8_t *req, Py_ssize_t n, iovec *data,
+                               int ndata, Py_ssize_t room, uint8_t *out) noexcept nogil
     cdef int _splice_read(self, const uint8_t *req, Py_ssize_t n, int devfd, int pr,
                           int pw, Py_ssize_t pipe_cap, uint8_t *out) noexcept nogil
     cdef int _pin(self, uint64_t fh, bint write) noexcept nogil

@@ -15,6 +15,7 @@ from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, int32_t
 from libc.stdlib cimport realloc, free
 from libc.string cimport memset
+from posix.uio cimport iovec, preadv, pwritev
 from posix.unistd cimport pread, pwrite, close, read, write
 
 from hvcore.fs.attr cimport reply_header
@@ -27,6 +28,17 @@ from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_mutex_destroy,
                                   pthread_mutex_lock, pthread_mutex_unlock)
 
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
+
+
+cdef int _trim(iovec *v, int n, size_t size) noexcept nogil:
+    """The first iovecs of `v` holding `size` bytes (the last one shortened): their count."""
+    cdef int i
+    for i in range(n):
+        if v[i].iov_len >= size:
+            v[i].iov_len = size
+            return i + 1
+        size -= v[i].iov_len
+    return n
 DEF SPLICE_MIN = 32768          # smaller reads: one copy more costs less than two syscalls
 
 
@@ -251,6 +263,55 @@ cdef class FileTable:
             if fd < 0:
                 return 0
             r = pwrite(fd, req + hdr + sizeof(fuse_write_in), wr.size, <int64_t>wr.offset)
+            if r < 0:
+                err = errno
+            self._unpin(wr.fh)
+            if err:
+                return reply_header(out, h.unique, err, ohdr)
+            memset(out + ohdr, 0, 8)
+            (<fuse_write_out *>(out + ohdr)).size = <uint32_t>r
+            return reply_header(out, h.unique, 0, ohdr + 8)
+        return 0
+
+    cdef Py_ssize_t _serve_vec(self, const uint8_t *req, Py_ssize_t n, iovec *data,
+                               int ndata, Py_ssize_t room, uint8_t *out) noexcept nogil:
+        """READ / WRITE whose data is not behind the request but in `data` (`room` bytes
+        of guest pages: where a READ's data goes, what a WRITE writes): `req` holds the
+        header and read_in / write_in only. The reply header (and write_out) go to `out`;
+        returns the reply's whole length (for READ, the data included), or 0 when the
+        request is for the Python handler, with the same checks as `_serve`."""
+        cdef const fuse_in_header *h = <const fuse_in_header *>req
+        cdef const fuse_read_in *rd
+        cdef const fuse_write_in *wr
+        cdef Py_ssize_t hdr = sizeof(fuse_in_header), ohdr = sizeof(fuse_out_header)
+        cdef ssize_t r
+        cdef int fd, err = 0
+        if not self.enabled or n < hdr + <Py_ssize_t>sizeof(fuse_read_in):
+            return 0
+        if h.opcode == FUSE_READ and h.len == n:
+            rd = <const fuse_read_in *>(req + hdr)
+            if rd.size > self.max_io or <Py_ssize_t>rd.size > room or rd.offset > MAX_OFFSET:
+                return 0
+            ndata = _trim(data, ndata, rd.size)
+            fd = self._pin(rd.fh, 0)
+            if fd < 0:
+                return 0
+            r = preadv(fd, data, ndata, <int64_t>rd.offset)
+            if r < 0:
+                err = errno
+            self._unpin(rd.fh)
+            return reply_header(out, h.unique, err, ohdr + (r if r > 0 else 0))
+        if h.opcode == FUSE_WRITE and self.writable and \
+                n == hdr + <Py_ssize_t>sizeof(fuse_write_in):
+            wr = <const fuse_write_in *>(req + hdr)
+            if (<Py_ssize_t>wr.size != room or h.len != n + room
+                    or wr.write_flags & FUSE_WRITE_KILL_SUIDGID or wr.offset > MAX_OFFSET
+                    or wr.offset + wr.size > MAX_OFFSET):
+                return 0
+            fd = self._pin(wr.fh, 1)
+            if fd < 0:
+                return 0
+            r = pwritev(fd, data, ndata, <int64_t>wr.offset)
             if r < 0:
                 err = errno
             self._unpin(wr.fh)
