@@ -26,20 +26,21 @@ from libc.stdlib cimport free, malloc
 from posix.stdlib cimport posix_memalign
 from libc.string cimport memset
 
-from hvcore.includes.endian cimport htobe64
+from hvcore.includes.endian cimport be64toh, htobe64
 from hvcore.qcow2_check cimport run_check
 from hvcore.qcow2_codec cimport put_compressed
 from hvcore.aio cimport AioQueue
 from hvcore.includes.aio cimport RWF_DSYNC
 from hvcore.qcow2_data cimport aio_flush, aio_map, do_read, do_write, do_zero, write_pieces
-from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_IO, K_COMP, K_DATA, OFF_MASK,
-                              Q2, RT_MASK, pwrite_all, q2_fail, q2_lock, q2_lock_destroy,
-                              q2_lock_init, q2_raise, q2_sync, q2_unlock, q2_unlock_rc,
-                              read_table)
+from hvcore.qcow2_io cimport (ALL_ALLOC, COMPRESSED, COPIED, E_IO, K_COMP, K_DATA, K_ZERO,
+                              OFF_MASK, Q2, RT_MASK, pwrite_all, q2_fail, q2_lock,
+                              q2_lock_destroy, q2_lock_init, q2_raise, q2_sync, q2_unlock,
+                              q2_unlock_rc, read_table)
 from hvcore.qcow2_pipe cimport AioRun, run_aio
 from hvcore.qcow2_l2 cimport (classify, do_flush, do_write_back, l1_grow, l2_entry, l2_get,
                               l2_init, l2_release, set_entry)
-from hvcore.qcow2_refcount cimport alloc, meta_set, rc_init, rc_release
+from hvcore.qcow2_refcount cimport alloc, meta_set, rc_init, rc_release, write_refcounts
+from hvcore.qcow2_snapshot cimport add_refs, fix_copied, rc_add
 
 import os
 
@@ -314,7 +315,7 @@ cdef class Qcow2:
 
     def map_range(self, uint64_t offset, uint64_t length):
         """[(start, length, kind, host_offset or None), ...] for the guest range, merged."""
-        cdef uint64_t n, host = 0, prev_host = 0
+        cdef uint64_t n, host = 0
         cdef int k
         out = []
         last = None
@@ -326,13 +327,15 @@ cdef class Qcow2:
                 k = classify(&self.q, offset, length, &n, &host)
                 q2_unlock(&self.q)
             q2_raise(&self.q, k)
-            if last is not None and last[2] == KIND_NAMES[k] and (
-                    k != K_DATA or prev_host + last[1] == host) and k != K_COMP:
+            if k != K_DATA and k != K_ZERO:
+                host = 0        # (a zero cluster that keeps its allocation has a host)
+            if last is not None and last[2] == KIND_NAMES[k] and k != K_COMP and (
+                    last[3] is not None and last[3] + last[1] == host if host
+                    else last[3] is None):
                 last[1] += n
             else:
-                last = [offset, n, KIND_NAMES[k], host if k == K_DATA else None]
+                last = [offset, n, KIND_NAMES[k], host if host else None]
                 out.append(last)
-                prev_host = host
             offset += n
             length -= n
         return [tuple(x) for x in out]
@@ -445,6 +448,75 @@ cdef class Qcow2:
     def discard_pending(self):
         """Number of clusters waiting for the next flush to lose a reference (tests)."""
         return self.q.nfrees
+
+    # -- internal snapshots (qcow2_snapshot) -----------------------------------------------
+
+    def snapshot_refs(self, const unsigned char[::1] l1 not None, int delta):
+        """`delta` (+1, -1 or 0) for every cluster the L1 table `l1` (big-endian, as in
+        the file) references, then the active tables' COPIED flags; flushes before and
+        after (the tables are read from the file)."""
+        cdef Q2 *q = &self.q
+        cdef uint64_t n = <uint64_t>l1.shape[0] // 8
+        cdef const uint64_t *t = <const uint64_t*>&l1[0] if n else NULL
+        cdef int rc
+        with nogil:
+            q2_lock(q)
+            rc = do_flush(q)
+            if rc == 0 and delta:
+                rc = add_refs(q, t, n, delta)
+            if rc == 0:
+                rc = fix_copied(q)
+            if rc == 0:
+                rc = do_flush(q)
+            q2_unlock_rc(q, rc)
+        q2_raise(q, rc)
+
+    def alloc_meta(self, uint64_t length):
+        """Host offset of fresh clusters (refcount 1) for `length` bytes of metadata."""
+        cdef uint64_t n = (length + self.q.cmask) >> self.q.cluster_bits
+        cdef int64_t off
+        cdef int rc = 0
+        if n == 0:
+            n = 1
+        with nogil:
+            q2_lock(&self.q)
+            off = alloc(&self.q, n)
+            if off < 0:
+                rc = -1
+            else:
+                rc = meta_set(&self.q, <uint64_t>off >> self.q.cluster_bits, n, True)
+            q2_unlock_rc(&self.q, min(rc, 0))
+        q2_raise(&self.q, min(rc, 0))
+        return off
+
+    def free_meta(self, uint64_t offset, uint64_t length):
+        """Drop the reference to the clusters of the metadata at `offset` (written now)."""
+        cdef uint64_t c, last = (offset + (length if length else 1) - 1) >> \
+            self.q.cluster_bits
+        cdef int rc = 0
+        with nogil:
+            q2_lock(&self.q)
+            c = offset >> self.q.cluster_bits
+            while rc == 0 and c <= last:
+                rc = rc_add(&self.q, c, -1)
+                c += 1
+            if rc == 0:
+                rc = write_refcounts(&self.q, True)
+            q2_unlock_rc(&self.q, rc)
+        q2_raise(&self.q, rc)
+
+    def load_l1(self, const unsigned char[::1] l1 not None):
+        """Make the big-endian entries `l1` the active L1 table (the rest zero), written
+        at the next flush; the L2 cache is dropped by the next snapshot_refs."""
+        cdef uint64_t i, n = <uint64_t>l1.shape[0] // 8
+        if n > self.q.l1_size:
+            raise Qcow2Error("qcow2: that L1 table is larger than the active one")
+        with nogil:
+            q2_lock(&self.q)
+            for i in range(self.q.l1_size):
+                self.q.l1[i] = be64toh((<const uint64_t*>&l1[0])[i]) if i < n else 0
+            self.q.l1_dirty = True
+            q2_unlock(&self.q)
 
     # -- resize and preallocation ---------------------------------------------------------
 

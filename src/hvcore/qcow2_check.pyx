@@ -154,12 +154,11 @@ cdef dict run_check(Q2 *q, list l1_tables, list fixed, int fix):
                             recs.append(("data_align" if has_data else "prealloc_align",
                                          off, 0, 0))
                         ref(q, refs, off, q.cluster_size, recs)
-                        if active:
-                            if not (e & ZEROF) or q.extended:
-                                allocated += 1
-                                if prev and off != prev + q.cluster_size:
-                                    fragmented += 1
-                                prev = off
+                        if active:     # (zero clusters that keep their host count too)
+                            allocated += 1
+                            if prev and off != prev + q.cluster_size:
+                                fragmented += 1
+                            prev = off
                             stored = stored_rc(q, off >> q.cluster_bits)
                             if (stored == 1) != bool(e & COPIED):
                                 recs.append(("copied_data", e, stored, 0))

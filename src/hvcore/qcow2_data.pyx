@@ -433,7 +433,8 @@ cdef int do_zero(Q2 *q, uint64_t off, uint64_t n, bint unmap) noexcept nogil:
             e = l2_entry(q, s, l2i)
             bm = l2_bitmap(q, s, l2i)
             hostoff = e & OFF_MASK
-            if len_ == q.cluster_size:
+            # the image's last cluster counts as whole when the range reaches the end
+            if len_ == q.cluster_size or (in_c == 0 and off + len_ >= q.size):
                 if free_entry(q, e) < 0:
                     return -1
                 if unmap:

@@ -151,8 +151,11 @@ cdef int classify(Q2 *q, uint64_t goff, uint64_t maxlen, uint64_t *plen,
         phost[0] = e
         return K_COMP
     off = e & OFF_MASK
+    phost[0] = 0                # a zero cluster's host: only when it keeps its allocation
     if not q.extended:
         if (e & ZEROF) and q.v3:
+            if off and not (off & q.cmask):
+                phost[0] = off + in_c
             return K_ZERO
         if off == 0:
             return K_UNALLOC
@@ -174,6 +177,8 @@ cdef int classify(Q2 *q, uint64_t goff, uint64_t maxlen, uint64_t *plen,
             return q2_fail(q, E_DATA_ALIGN, goff, off)
         phost[0] = off + in_c
         return K_DATA
+    if state == 2 and off and not (off & q.cmask):
+        phost[0] = off + in_c
     return K_ZERO if state == 2 else K_UNALLOC
 
 

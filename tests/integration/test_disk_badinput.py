@@ -78,21 +78,21 @@ def be64(v: int) -> bytes:
 
 
 CASES = {
-    "bad-magic": (0, b"QFI\x00", "not a qcow2 image"),
-    "version-9": (4, struct.pack(">I", 9), "unsupported qcow2 version 9"),
+    "bad-magic": (0, b"QFI\x00", "Image is not in qcow2 format"),
+    "version-9": (4, struct.pack(">I", 9), "Unsupported qcow2 version 9"),
     "cluster-bits-30": (20, struct.pack(">I", 30), "cluster size"),
     "cluster-bits-8": (20, struct.pack(">I", 8), "cluster size"),
     "absurd-size": (24, be64(1 << 63), "too large"),
-    "l1-too-small": (36, struct.pack(">I", 0), "L1 table too small"),
+    "l1-too-small": (36, struct.pack(">I", 0), "L1 table is too small"),
     "l1-huge": (36, struct.pack(">I", 1 << 30), "L1 table too large"),
     "l1-outside": (40, be64(1 << 40), "L1 table"),
     "l1-unaligned": (40, be64(0x30008), "L1 table offset"),
     "rt-overlaps-l1": (48, be64(0x30000), "overlaps"),
     "rt-outside": (48, be64(1 << 40), "refcount table"),
-    "rt-clusters-0": (56, struct.pack(">I", 0), "refcount table"),
+    "rt-clusters-0": (56, struct.pack(">I", 0), "Reference count table too large"),
     "unknown-incompat": (72, be64(1 << 40), "Unsupported qcow2 feature"),
     "crypt": (32, struct.pack(">I", 1), "encrypted"),
-    "refcount-order-7": (96, struct.pack(">I", 7), "refcount width"),
+    "refcount-order-7": (96, struct.pack(">I", 7), "Reference count entry width"),
     "snapshots-outside": (60, struct.pack(">IQ", 1, 1 << 40), "snapshot"),
     "backing-name-long": (8, be64(0x200) + struct.pack(">I", 5000), "backing file name"),
     "l2-outside": (0x30000, be64((1 << 63) | (1 << 44)), "past the end of the file"),
@@ -131,7 +131,7 @@ def test_backing_file_loop(tmp_path):
     qemu_img("create", "-f", "qcow2", a, "1M")
     qemu_img("create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b)
     qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)
-    with pytest.raises(DiskError, match="backing file loop"):
+    with pytest.raises(DiskError, match="creates an infinite loop"):
         pyhv.disk.open(str(b), "qcow2")
 
 

@@ -36,17 +36,18 @@ def compare(path1: str, path2: str, fmt1: str | None, fmt2: str | None,
     with pyhv.disk.open(path1, fmt1, readonly=True) as d1, \
             pyhv.disk.open(path2, fmt2, readonly=True) as d2:
         out = []
-        if d1.size != d2.size:
-            if strict:
-                return "Strict mode: Image size mismatch!", 1
-            out.append("Warning: Image size mismatch!")
+        if d1.size != d2.size and strict:
+            return "Strict mode: Image size mismatch!", 1
         common = min(d1.size, d2.size)
         z1, z2 = _skippable(d1, d1.size), _skippable(d2, d2.size)
         b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
-        for pos in range(0, max(d1.size, d2.size), CHUNK):
-            end = min(pos + CHUNK, max(d1.size, d2.size))
+        stops = [*range(0, common, CHUNK), *range(common, max(d1.size, d2.size), CHUNK)]
+        for pos in stops:
+            end = min(pos + CHUNK, common if pos < common else max(d1.size, d2.size))
             n = end - pos
             v1, v2 = memoryview(b1)[:n], memoryview(b2)[:n]
+            if pos == common:       # as qemu-img: warned once the common part matched
+                out.append("Warning: Image size mismatch!")
             if end <= common and _zero_in(z1, pos, end) and _zero_in(z2, pos, end):
                 continue
             for disk, view, zr in ((d1, v1, z1), (d2, v2, z2)):
@@ -58,10 +59,7 @@ def compare(path1: str, path2: str, fmt1: str | None, fmt2: str | None,
                 view[m:] = bytes(n - m)
             if v1 != v2:
                 at = pos + _first_difference(v1, v2)
-                if at >= common:
-                    out.append(f"Content mismatch at offset {at}!")
-                else:
-                    out.append(f"Content mismatch at offset {at}!")
+                out.append(f"Content mismatch at offset {at}!")
                 return "\n".join(out), 1
         out.append("Images are identical.")
         return "\n".join(out), 0

@@ -26,38 +26,61 @@ from pyhv.disk.info import extents
 CHUNK = 2 << 20
 
 
-def data_extents(disk, size: int):
-    """(start, length) of guest ranges the source chain holds data for."""
-    for start, n, _depth, kind, _host, _f in extents(disk, 0, size):
-        if kind in ("data", "compressed"):
+def data_extents(disk, size: int, top: bool = False):
+    """(start, length) of guest ranges the source chain holds data for (`top`: only its
+    top image, for a target whose backing file holds the rest, as qemu-img -B)."""
+    for start, n, depth, kind, _host, _f in extents(disk, 0, size):
+        if kind in ("data", "compressed") and not (top and depth):
             yield start, n
 
 
 def convert(src: str, dst: str, src_fmt: str | None, dst_fmt: str, compress: bool,
             progress: bool, sparse: int, options: dict[str, str],
-            cache: str = "unsafe", workers: int = 8) -> None:
+            cache: str = "unsafe", workers: int = 8, skip_create: bool = False) -> None:
     """qemu-img's default target cache for convert is 'unsafe': writes keep their crash-safe
     order but nothing is synced; any other mode syncs at the end. `workers` compress in
-    parallel (qemu-img's `-m` coroutines)."""
+    parallel (qemu-img's `-m` coroutines). `skip_create` (-n) writes into an existing
+    target at least as large, zeroing what the source does not hold."""
     if compress and dst_fmt != "qcow2":
         raise DiskError("Compression not supported for this file format")
     if sparse and sparse % 512:
         raise DiskError("Invalid buffer size for sparse output specified")
+    top = bool(options.get("backing_file"))
+    if top and not options.get("backing_fmt"):
+        raise DiskError("Use of backing file requires explicit backing format")
     with pyhv.disk.open(src, src_fmt, readonly=True) as s:
         size = s.size
-        create(dst, dst_fmt, size, options)
+        if not skip_create:
+            create(dst, dst_fmt, size, options)
         with pyhv.disk.open(dst, dst_fmt) as d:
+            if d.size < size:
+                raise DiskError("Error while writing to the target: the target image is "
+                                "smaller than the source")
             if d.format == "qcow2":
                 d.core.unsafe_cache = cache == "unsafe"
-            _copy(s, d, size, compress, Progress(progress, size), sparse, workers)
+            total = sum(n for _start, n in data_extents(s, size, top))  # qemu: allocated
+            _copy(s, d, size, compress, Progress(progress, total), sparse, workers, top)
+            if skip_create:     # an existing target: what the source lacks reads zero
+                pos = 0
+                for start, n in [*data_extents(s, size), (size, 0)]:
+                    if start > pos:
+                        d.write_zeroes(pos, start - pos)
+                    pos = start + n
+            if top:     # all the top holds, zeroes too, must hide the target's backing
+                for start, n, depth, kind, _h, _f in extents(s, 0, size):
+                    if depth or kind == "unallocated":
+                        continue
+                    for at, m, left, _host in d.map(start, n):
+                        if left == "unallocated":       # (skipped as zeroes by the copy)
+                            d.write_zeroes(at, m)
             if cache != "unsafe":
                 d.flush()
 
 
-def _ranges(s, size: int, align: int):
+def _ranges(s, size: int, align: int, top: bool = False):
     """The source's data extents rounded out to `align` and merged."""
     cur = None
-    for start, n in data_extents(s, size):
+    for start, n in data_extents(s, size, top):
         a = start // align * align
         b = min(size, -(-(start + n) // align) * align)
         if cur and a <= cur[1]:
@@ -166,12 +189,13 @@ def _fill_raw(s, size: int):
 
 
 def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int,
-          workers: int) -> None:
+          workers: int, top: bool = False) -> None:
     cs = d.core.cluster_size if d.format == "qcow2" else 4096
     if s.format == "raw" and not compress:
         fill = _fill_raw(s, size)
     else:
-        fill = _fill_generic(s, _batches(_ranges(s, size, cs if compress else 1), CHUNK))
+        ranges = _ranges(s, size, cs if compress else 1, top)
+        fill = _fill_generic(s, _batches(ranges, CHUNK))
     reader = _Reader(fill)
     squeeze = compressor(_ctype(d)) if compress else None
     pool = ThreadPoolExecutor(workers) if compress else None
@@ -190,8 +214,9 @@ def _copy(s, d, size: int, compress: bool, bar: Progress, sparse: int,
                     chunk = view[boff:boff + n]
                     for x, y in nonzero_runs(chunk, sparse) if sparse else [(0, n)]:
                         d.write(pos + x, chunk[x:y])
-            done += sum(n for _p, _b, n in pieces)
-            bar.update(done)
+            for _p, _b, n in pieces:            # one step per extent, as qemu-img's runs
+                done += n
+                bar.update(done)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -3,6 +3,7 @@ refcount table, refcount blocks, L1 table), with qemu-img's -o options."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -32,15 +33,17 @@ def parse_options(text: str | None) -> dict[str, str]:
 
 
 def _bool(name: str, value: str) -> bool:
-    if value in ("on", "true", "yes", ""):
+    if value in ("on", "true", "yes", "y", ""):
         return True
-    if value in ("off", "false", "no"):
+    if value in ("off", "false", "no", "n"):
         return False
     raise DiskError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def create(path: str, fmt: str, size: int | None, options: dict[str, str],
-           backing: str | None = None, backing_fmt: str | None = None) -> None:
+           backing: str | None = None, backing_fmt: str | None = None,
+           secrets: frozenset[str] = frozenset()) -> None:
+    """`secrets`: the ids of `--object secret` given (an AES-encrypted image names one)."""
     from pyhv.disk.cliutil import parse_size
 
     backing = backing or options.get("backing_file")
@@ -55,19 +58,25 @@ def create(path: str, fmt: str, size: int | None, options: dict[str, str],
     if size is None:
         raise DiskError("Image creation needs a size parameter")
     prealloc = options.get("preallocation", "off")
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise DiskError(f"Invalid preallocation mode: '{prealloc}'")
+    if prealloc not in ("off", "metadata", "falloc", "full") or \
+            fmt == "raw" and prealloc == "metadata":
+        raise DiskError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     if fmt == "raw":
         if backing:
-            raise DiskError("raw images cannot have a backing file")
+            raise DiskError("Backing file not supported for file format 'raw'")
         _create_raw(path, size, prealloc)
         return
     if fmt != "qcow2":
         raise DiskError(f"Unknown file format '{fmt}' (pyhv creates qcow2 and raw)")
+    crypt = _check_unsupported(options, secrets)
     if backing and prealloc != "off":
-        raise DiskError("Backing file and preallocation can only be used at the same time "
-                        "with preallocation=off")
-    _create_qcow2(path, size, options, backing, backing_fmt)
+        if not _bool("extended_l2", options.get("extended_l2", "off")):
+            raise DiskError("Backing file and preallocation can only be used at the same "
+                            "time if extended_l2 is on")
+        raise DiskError("pyhv img does not preallocate images with a backing file")
+    if backing_fmt and not backing:
+        raise DiskError("Backing format cannot be used without backing file")
+    _create_qcow2(path, size, options, backing, backing_fmt, crypt)
     if prealloc != "off":
         _preallocate(path, prealloc)
 
@@ -75,15 +84,41 @@ def create(path: str, fmt: str, size: int | None, options: dict[str, str],
 def _create_raw(path: str, size: int, prealloc: str) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise
+            raise DiskError("The image size is too large for file format 'raw'") from None
         if prealloc in ("falloc", "full") and size:
             os.posix_fallocate(fd, 0, size)
     finally:
         os.close(fd)
 
 
+def _check_unsupported(o: dict[str, str], secrets: frozenset[str]) -> int:
+    """The header's crypt method (1: the legacy AES, which needs only the header field);
+    options pyhv does not implement are refused after the Formatting line, where qemu's
+    driver would act on them."""
+    crypt = 0
+    enc = o.get("encrypt.format") or \
+        ("aes" if _bool("encryption", o.get("encryption", "off")) else None)
+    if enc:
+        secret = o.get("encrypt.key-secret")
+        if not secret:
+            raise DiskError("Parameter 'encrypt.key-secret' is required for cipher")
+        if secret not in secrets:
+            raise DiskError(f"No secret with id '{secret}'")
+        if enc != "aes":
+            raise DiskError(f"pyhv img does not create {enc}-encrypted images")
+        crypt = 1
+    if o.get("data_file") or _bool("data_file_raw", o.get("data_file_raw", "off")):
+        raise DiskError("pyhv img does not create images with an external data file")
+    return crypt
+
+
 def _create_qcow2(path: str, size: int, o: dict[str, str], backing: str | None,
-                  backing_fmt: str | None) -> None:
+                  backing_fmt: str | None, crypt: int = 0) -> None:
     from pyhv.disk.cliutil import parse_size
 
     cs = parse_size(o.get("cluster_size", "65536"))
@@ -95,18 +130,25 @@ def _create_qcow2(path: str, size: int, o: dict[str, str], backing: str | None,
     elif compat in ("1.1", "v3"):
         version = 3
     else:
-        raise DiskError(f"Invalid compatibility level: '{compat}'")
+        raise DiskError(f"Parameter 'version' does not accept value '{compat}'")
     lazy = _bool("lazy_refcounts", o.get("lazy_refcounts", "off"))
     extl2 = _bool("extended_l2", o.get("extended_l2", "off"))
     ctype = o.get("compression_type", "zlib")
     if ctype not in ("zlib", "zstd"):
-        raise DiskError(f"Invalid compression_type: '{ctype}'")
+        raise DiskError(f"Parameter 'compression-type' does not accept value '{ctype}'")
+    v3 = "compatibility level 1.1 and above (use version=v3 or greater)"
+    if version == 2 and extl2:
+        raise DiskError(f"Extended L2 entries are only supported with {v3}")
     rbits = int(o.get("refcount_bits", "16"))
     if rbits not in (1, 2, 4, 8, 16, 32, 64):
         raise DiskError("Refcount width must be a power of two and may not exceed 64 bits")
-    if version == 2 and (lazy or extl2 or ctype != "zlib" or rbits != 16):
-        raise DiskError("compat=0.10 supports none of lazy_refcounts, extended_l2, "
-                        "compression_type=zstd or refcount_bits other than 16")
+    if version == 2 and rbits != 16:
+        raise DiskError("Different refcount widths than 16 bits require compatibility "
+                        "level 1.1 or above (use version=v3 or greater)")
+    if version == 2 and lazy:
+        raise DiskError(f"Lazy refcounts only supported with {v3}")
+    if version == 2 and ctype != "zlib":
+        raise DiskError(f"Non-zlib compression type is only supported with {v3}")
     if extl2 and cs < 16384:
         raise DiskError("Extended L2 entries are only supported with cluster sizes of at "
                         "least 16384 bytes")
@@ -116,7 +158,7 @@ def _create_qcow2(path: str, size: int, o: dict[str, str], backing: str | None,
     entries = cs // (16 if extl2 else 8)
     l1_size = max(1, -(-size // (cs * entries)))
     if l1_size * 8 > hdr.MAX_L1_BYTES:          # qemu-img could not open it
-        raise DiskError(f"{path}: The image size is too large for file format 'qcow2' "
+        raise DiskError("The image size is too large for file format 'qcow2' "
                         "(try using a larger cluster size)")
     l1_clusters = -(-l1_size * 8 // cs)
     per_block = cs * 8 // rbits
@@ -133,7 +175,7 @@ def _create_qcow2(path: str, size: int, o: dict[str, str], backing: str | None,
     l1_off = rb_off + blocks * cs
     total = 1 + rt_clusters + blocks + l1_clusters
     h = hdr.Header(version=version, backing_file_offset=0, backing_file_size=0,
-                   cluster_bits=cbits, size=size, crypt_method=0, l1_size=l1_size,
+                   cluster_bits=cbits, size=size, crypt_method=crypt, l1_size=l1_size,
                    l1_table_offset=l1_off, refcount_table_offset=rt_off,
                    refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0)
     if version == 3:

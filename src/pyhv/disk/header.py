@@ -58,16 +58,36 @@ class Header:
 
     @property
     def backing_format(self) -> str | None:
+        """The last backing-format extension (QEMU reads them in order, the last wins)."""
+        found = None
         for kind, data in self.extensions:
             if kind == EXT_BACKING_FORMAT:
-                return data.decode("utf-8", "replace")
-        return None
+                found = data.decode("utf-8", "replace")
+        return found
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self.backing_file = name or None
         self.extensions = [(k, d) for k, d in self.extensions if k != EXT_BACKING_FORMAT]
         if name and fmt:
             self.extensions.insert(0, (EXT_BACKING_FORMAT, fmt.encode()))
+
+    def unsupported_features(self, mask: int) -> str:
+        """QEMU's report_unsupported_feature: the feature table's names for `mask`'s bits
+        in table order (up to the first nameless entry), then the rest as one number."""
+        names = []
+        for k, data in self.extensions:
+            if k != EXT_FEATURES:
+                continue
+            data = data + bytes(-len(data) % 48 + 48)     # QEMU reads short tables zero-padded
+            for i in range(0, len(data) - 47, 48):
+                if not data[i + 2]:
+                    break
+                if data[i] == 0 and data[i + 1] < 64 and mask >> data[i + 1] & 1:
+                    names.append(data[i + 2:i + 48].split(b"\0")[0].decode("utf-8", "replace"))
+                    mask &= ~(1 << data[i + 1])
+        if mask:
+            names.append(f"Unknown incompatible feature: {mask:x}")
+        return ", ".join(names)
 
     def feature_name(self, kind: int, bit: int) -> str | None:
         for k, data in self.extensions:
@@ -106,14 +126,14 @@ class Header:
 def parse(data: bytes, file_size: int) -> Header:
     """Parse and validate the header in `data` (the start of the file, up to 2 MiB)."""
     if len(data) < V2_LENGTH or data[:4] != MAGIC:
-        raise DiskError("not a qcow2 image (bad magic or file too short)")
+        raise DiskError("Image is not in qcow2 format")
     f = _V2.unpack_from(data)
     version = f[1]
     if version not in (2, 3):
-        raise DiskError(f"unsupported qcow2 version {version}")
+        raise DiskError(f"Unsupported qcow2 version {version}")
     h = Header(*f[1:])
     if not 9 <= h.cluster_bits <= 21:
-        raise DiskError(f"unsupported cluster size: 2^{h.cluster_bits}")
+        raise DiskError(f"Unsupported cluster size: 2^{h.cluster_bits}")
     cs = h.cluster_size
     if version == 3:
         if len(data) < V3_LENGTH:
@@ -126,13 +146,11 @@ def parse(data: bytes, file_size: int) -> Header:
             h.compression_type = data[V3_LENGTH]
             h.extra = bytes(data[V3_LENGTH + 1:h.header_length])
     if h.refcount_order > 6:
-        raise DiskError(f"refcount width 2^{h.refcount_order} bits is larger than 64")
+        raise DiskError("Reference count entry width too large; may not exceed 64 bits")
     h.extensions = _parse_extensions(data, h.header_length if version == 3 else V2_LENGTH, cs)
     unknown = h.incompatible & ~INCOMPAT_KNOWN
     if unknown:
-        names = [h.feature_name(0, b) or f"Unknown incompatible feature: {1 << b:x}"
-                 for b in range(64) if unknown >> b & 1]
-        raise DiskError("Unsupported qcow2 feature(s): " + ", ".join(names))
+        raise DiskError("Unsupported qcow2 feature(s): " + h.unsupported_features(unknown))
     if h.incompatible & INCOMPAT_DATA_FILE:
         raise DiskError("Unsupported qcow2 feature(s): external data file")
     if h.crypt_method:
@@ -148,19 +166,19 @@ def parse(data: bytes, file_size: int) -> Header:
         raise DiskError(f"virtual size {h.size} is too large")
     need_l1 = -(-h.size // (cs * entries))
     if h.l1_size * 8 > MAX_L1_BYTES:
-        raise DiskError(f"active L1 table too large ({h.l1_size} entries)")
+        raise DiskError("Active L1 table too large")
     if need_l1 > 0x7fffffff:
         raise DiskError("Image is too big")
     if h.l1_size < need_l1:
-        raise DiskError(f"L1 table too small ({h.l1_size} entries for {h.size} bytes)")
+        raise DiskError("L1 table is too small")
     if h.l1_table_offset % cs or (h.l1_size and h.l1_table_offset == 0):
-        raise DiskError(f"invalid L1 table offset {h.l1_table_offset:#x}")
+        raise DiskError("Active L1 table offset invalid")
     if h.l1_table_offset + h.l1_size * 8 > file_size:
         raise DiskError("L1 table lies outside the file")
     if h.refcount_table_clusters == 0 or h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
-        raise DiskError(f"invalid refcount table size ({h.refcount_table_clusters} clusters)")
+        raise DiskError("Reference count table too large")
     if h.refcount_table_offset % cs or h.refcount_table_offset == 0:
-        raise DiskError(f"invalid refcount table offset {h.refcount_table_offset:#x}")
+        raise DiskError("Reference count table offset invalid")
     rt_end = h.refcount_table_offset + h.refcount_table_clusters * cs
     if rt_end > file_size:
         raise DiskError("refcount table lies outside the file")

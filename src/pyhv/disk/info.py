@@ -23,11 +23,6 @@ def image_info(disk, path: str) -> dict:
         info["cluster-size"] = h.cluster_size
         info["format"] = "qcow2"
         info["actual-size"] = st.st_blocks * 512
-        if h.backing_file:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = pyhv.disk.backing_path(path, h.backing_file)
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
         data = {"compat": "1.1" if h.version >= 3 else "0.10"}
         if h.version >= 3:
             data.update({
@@ -40,6 +35,11 @@ def image_info(disk, path: str) -> dict:
         else:
             data.update({"compression-type": "zlib", "refcount-bits": 16})
         info["format-specific"] = {"type": "qcow2", "data": data}
+        if h.backing_file:
+            info["full-backing-filename"] = pyhv.disk.backing_path(path, h.backing_file)
+            info["backing-filename"] = h.backing_file
+            if h.backing_format:    # QEMU's QDict prints this key first
+                info = {"backing-filename-format": h.backing_format, **info}
         info["dirty-flag"] = bool(h.incompatible & hdr.INCOMPAT_DIRTY)
     else:
         info["format"] = "raw"
@@ -103,7 +103,7 @@ def info(path: str, fmt: str | None, output: str, chain: bool) -> str:
         real = os.path.realpath(current)
         if real in seen:
             from pyhv.disk.errors import DiskError
-            raise DiskError(f"backing file loop at {current}")
+            raise DiskError(f"Backing file '{current}' creates an infinite loop.")
         seen.add(real)
         with pyhv.disk.open(current, current_fmt, readonly=True, backing=False) as disk:
             i = image_info(disk, current)

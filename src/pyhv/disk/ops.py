@@ -44,8 +44,14 @@ def _copy_layer(src, dst, start: int, length: int, bar: Progress | None, done: i
     return done
 
 
-def commit(path: str, fmt: str | None, drop: bool, progress: bool) -> None:
-    """Write what the top image holds into its backing file, then empty the top."""
+def commit(path: str, fmt: str | None, drop: bool, progress: bool,
+           base: str | None = None) -> None:
+    """Write what the top image holds into its backing file, then empty the top; with
+    `base` (-b), what every image above `base` holds goes into it, and nothing is emptied
+    (qemu-img: -b implies -d, the images in between no longer read as before)."""
+    if base is not None:
+        _commit_to(path, fmt, base, progress)
+        return
     with pyhv.disk.open(path, fmt, backing=False) as top:
         if top.format != "qcow2" or top.header.backing_file is None:
             raise DiskError(f"Image '{path}' does not have a backing file")
@@ -67,6 +73,37 @@ def commit(path: str, fmt: str | None, drop: bool, progress: bool) -> None:
             bar.done()
         if not drop:
             _make_empty(top)
+
+
+def _commit_to(path: str, fmt: str | None, base: str, progress: bool) -> None:
+    from pyhv.disk.info import extents
+
+    with pyhv.disk.open(path, fmt, readonly=True) as top:
+        chain, disk = [], top
+        while disk is not None:
+            chain.append(disk)
+            disk = getattr(disk, "backing", None)
+        wanted = os.path.realpath(base)
+        depth = next((i for i, d in enumerate(chain) if i and
+                      os.path.realpath(d.path) == wanted), None)
+        if depth is None:
+            raise DiskError(f"Did not find '{base}' in the backing chain of '{path}'")
+        above = [(s, n, kind) for s, n, d, kind, _h, _f in extents(top, 0, top.size)
+                 if d < depth and kind != "unallocated"]
+        base_fmt = chain[depth - 1].header.backing_format
+        with pyhv.disk.open(chain[depth].path, base_fmt, backing=False) as target:
+            bar = Progress(progress, sum(n for _s, n, _k in above))
+            if top.size > target.size:
+                target.resize(top.size)
+            done = 0
+            for s, n, kind in above:
+                if kind == "zero":
+                    target.write_zeroes(s, n)
+                    done += n
+                else:
+                    done = _copy_layer(top, target, s, n, bar, done)
+            target.flush()
+            bar.done()
 
 
 def _make_empty(top) -> None:
@@ -114,7 +151,12 @@ def _copy_differences(top, new, progress: bool) -> None:
             if va != vb:
                 cs = top.core.cluster_size
                 for x in range(0, m, cs):          # only the clusters that differ
-                    if va[x:x + cs] != vb[x:x + cs]:
+                    if va[x:x + cs] == vb[x:x + cs]:
+                        continue
+                    if old is None or pos + x >= old.size:
+                        # past the old backing file's end: zero clusters, as qemu-img
+                        top.write_zeroes(pos + x, len(va[x:x + cs]))
+                    else:
                         top.write(pos + x, va[x:x + cs])
             pos += m
             done += m

@@ -21,7 +21,9 @@ _ZEROES = bytes(1 << 20)
 
 
 def warn(message: str) -> None:
-    print(f"pyhv: warning: {message}", file=sys.stderr)
+    from pyhv.disk.cliutil import warn as report
+
+    report(message)
 
 
 class Qcow2Disk:
@@ -51,8 +53,7 @@ class Qcow2Disk:
         self.header = h = hdr.parse(os.pread(self.fd, HEADER_READ, 0), file_size)
         if h.incompatible & hdr.INCOMPAT_CORRUPT and not readonly and not repair:
             # as QEMU: only a repair may write to it (and clears the bit when it succeeds)
-            raise DiskError(f"Could not open '{self.path}': qcow2: Image is corrupt; "
-                            "cannot be opened read/write")
+            raise DiskError("qcow2: Image is corrupt; cannot be opened read/write")
         self.readonly = readonly
         self.snapshots, snap_len = hdr.parse_snapshots(
             lambda off, n: os.pread(self.fd, n, off), h, file_size)
@@ -65,7 +66,7 @@ class Qcow2Disk:
                 v3=h.version >= 3, readonly=readonly, file_end=file_size, l2_cache=l2_cache_size,
                 rb_cache=rb_cache_size)
         except Qcow2Error as e:
-            raise DiskError(f"{self.path}: {e}") from None
+            raise DiskError(str(e)) from None
         core.decompress = decompressor(hdr.COMPRESSION[h.compression_type])
         overlaps = core.mark_tables()
         if h.nb_snapshots:
@@ -78,13 +79,13 @@ class Qcow2Disk:
             # (`check -r` opens it anyway: a refcount block lying on other metadata is
             # what the refcount rebuild repairs)
             what, off = overlaps[0]
-            raise DiskError(f"{self.path}: corrupt image: the {what} at {off:#x} overlaps other "
+            raise DiskError(f"corrupt image: the {what} at {off:#x} overlaps other "
                             "metadata; open it read-only")
         if h.backing_file and open_backing is not None:
             self.backing = open_backing(self, h.backing_file, h.backing_format)
             core.set_backing(self.backing.read, self.backing.size)
-        if not readonly and h.incompatible & hdr.INCOMPAT_DIRTY:
-            self.rebuild_refcounts()
+        if not readonly and not repair and h.incompatible & hdr.INCOMPAT_DIRTY:
+            self.rebuild_refcounts()        # (`check -r` repairs it itself, as in QEMU)
         if not readonly and h.autoclear:
             h.autoclear = 0          # we keep no bitmaps: tell their readers they are stale
             self.write_header()
@@ -176,16 +177,23 @@ class Qcow2Disk:
                 again[key] += result[key]
             again["messages"] = result["messages"] + again["messages"]
             result = again
-        if fix and not result["corruptions"] and h.incompatible & hdr.INCOMPAT_CORRUPT:
-            h.incompatible &= ~hdr.INCOMPAT_CORRUPT     # repaired: writable again
+        flags = hdr.INCOMPAT_CORRUPT | hdr.INCOMPAT_DIRTY
+        if fix and not result["corruptions"] and h.incompatible & flags:
+            h.incompatible &= ~flags        # repaired: writable again, refcounts exact
             self.write_header()
         return result
+
+    def reload_snapshots(self) -> None:
+        """Re-read the snapshot table after the header named a new one."""
+        self.snapshots, _ = hdr.parse_snapshots(lambda off, n: os.pread(self.fd, n, off),
+                                                self.header, os.fstat(self.fd).st_size)
 
     def rebuild_refcounts(self) -> None:
         """An image left dirty by lazy refcounts: recount every reference, then clear the
         dirty bit (as QEMU does on open)."""
-        warn(f"{self.path} was not closed cleanly (lazy refcounts); rebuilding refcounts")
-        self.check(fix=2)
+        result = self.check(fix=2)
+        if result["messages"]:          # QEMU's open prints what its check repaired
+            print("\n".join(result["messages"]), file=sys.stderr, flush=True)
         self.header.incompatible &= ~hdr.INCOMPAT_DIRTY
         self.write_header()
 
@@ -193,16 +201,17 @@ class Qcow2Disk:
         core = self.core
         if self.readonly:
             raise DiskError(f"{self.path}: cannot resize an image opened read-only")
-        if size < core.size:
-            if not shrink:
-                raise DiskError("Use the --shrink option to perform a shrink operation.")
-            for _start, _n, kind, _host in core.map_range(size, core.size - size):
-                if kind in ("data", "compressed"):
-                    raise DiskError("qcow2 can only shrink an image whose tail is unused "
-                                    f"(data past {size:#x})")
+        if size < core.size and not shrink:
+            raise DiskError("Use the --shrink option to perform a shrink operation.")
         if self.snapshots and size != core.size:
             raise DiskError("Can't resize an image which has snapshots")
         old = core.size
+        cut = -(-size // core.cluster_size) * core.cluster_size
+        if cut < old:
+            # as QEMU: the clusters wholly past the new end are dropped (the one the end
+            # falls in keeps its data; growing again zeroes what lies past the end)
+            core.unmap(cut, old - cut)
+            core.flush()
         entries = core.cluster_size // (16 if core.extended else 8)
         need = -(-size // (core.cluster_size * entries))
         if need * 8 > hdr.MAX_L1_BYTES:
