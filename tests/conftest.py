@@ -26,7 +26,7 @@ def kvm_available() -> None:
 def guest_kernel_native(kvm_available) -> bool:
     from pyhv.machine.doctor import guest_kernel_native
 
-    return guest_kernel_native()[0]
+    return guest_kernel_native()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ run; and turn how the guest ended into pyhv's exit status.
 
 Exit status: the guest command's own status when the default guest ran one; 0 when a
 guest resets or powers off (or the user quits); 124 when --timeout cut the run short;
-125 when the guest ended without reporting a status (kernel panic, VMM error).
+125 when the guest ended without reporting a status (kernel panic, VMM error, or the
+default guest resetting before its init printed the status line).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RunSpec:
     interactive: bool
     boot: str = "auto"
     extract: bool = True
+    default_guest: bool = False  # its init always prints a status line before it resets
     disks: list = field(default_factory=list)      # pyhv.guest.disks.DiskSpec
     volumes: list = field(default_factory=list)    # pyhv.guest.shares.VolumeSpec
 
@@ -88,8 +90,8 @@ def prepare(args) -> RunSpec:
         scan = bool(command)
     interactive = os.isatty(0) and not command
     return RunSpec(kernel, initrd, append, args.cpus, args.memory, args.console_log,
-                   args.timeout, scan, interactive, args.boot, not args.no_extract, disks,
-                   volumes)
+                   args.timeout, scan, interactive, args.boot, not args.no_extract,
+                   default_guest=args.kernel is None, disks=disks, volumes=volumes)
 
 
 def _sink(console_log: str | None):
@@ -100,7 +102,9 @@ def _sink(console_log: str | None):
 
 
 def finish(status: int | None, panic: str | None, timed_out: bool, ended_ok: bool,
-           why: str) -> int:
+           why: str, needs_status: bool = False) -> int:
+    """pyhv's exit status; `needs_status`: the guest ends by printing one (the default
+    guest's init), so ending without it is a failure even after a clean reset."""
     if status is not None:
         return status
     if timed_out:
@@ -111,6 +115,9 @@ def finish(status: int | None, panic: str | None, timed_out: bool, ended_ok: boo
         return GUEST_FAILED_STATUS
     if not ended_ok:
         _say(why)
+        return GUEST_FAILED_STATUS
+    if needs_status:
+        _say(f"the guest ended without reporting its command's status ({why})")
         return GUEST_FAILED_STATUS
     return 0
 
@@ -152,7 +159,8 @@ def run_qemu(spec: RunSpec, args) -> int:
             result = launch(qemu, _sink(spec.console_log), spec.timeout)
     ok = result.returncode == 0
     return finish(result.status, result.panic, result.timed_out, ok,
-                  f"qemu-system-x86_64 exited with status {result.returncode}")
+                  f"qemu-system-x86_64 exited with status {result.returncode}",
+                  needs_status=spec.default_guest and not spec.interactive)
 
 
 def run_kvm(spec: RunSpec, args) -> int:
@@ -203,7 +211,8 @@ def run_kvm(spec: RunSpec, args) -> int:
         _say(result.message)
     if reader is not None:
         return finish(scanner.status, scanner.panic, result.kind == "timeout", result.ok,
-                      result.message)
+                      result.message,
+                      needs_status=spec.default_guest and result.kind not in ("quit", "stopped"))
     if result.kind == "timeout":
         return TIMEOUT_STATUS
     if not result.ok:

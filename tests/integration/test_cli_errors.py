@@ -46,6 +46,26 @@ def test_not_a_kernel(garbage):
     one_line_error(vmm("--kernel", str(garbage)), "not a Linux kernel")
 
 
+def _address_space(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("size, needle", [(64 << 10, "not a Linux kernel"),
+                                          ((2 << 30) + 1, "larger than")])
+def test_kernel_read_allocates_no_more_than_the_file(tmp_path, size, needle):
+    """With 1 GiB of address space, a small file and a huge sparse one are both one-line
+    errors: reading with read(MAX_IMAGE + 1) allocated 2 GiB first (a MemoryError)."""
+    path = tmp_path / "kernel.bin"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    one_line_error(vmm("--kernel", str(path), preexec_fn=_address_space(1 << 30)),
+                   "kernel.bin", needle)
+
+
 def test_truncated_bzimage(debian_kernel, tmp_path):
     cut = tmp_path / "cut"
     cut.write_bytes(debian_kernel.read_bytes()[: 256 << 10])
@@ -126,11 +146,15 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == "pyhv 0.1.0"
 
 
-def test_doctor_reports_kvm_and_guest_speed():
+def test_doctor_reports_kvm_and_what_runs_guest_kernel_code():
+    from pyhv.machine.hostkvm import host_kvm
+
+    host = host_kvm()
     done = pyhv("doctor")
     assert done.returncode == 0, done.stderr
     assert "API version 12" in done.stdout
-    assert "guest kernel code: " in done.stdout
+    kind = "native" if host.native else "emulated"
+    assert f"guest kernel code: {kind} ({host.reason})" in done.stdout.splitlines()
     assert "tool qemu-system-x86_64:" in done.stdout
 
 

@@ -22,7 +22,8 @@ def engine(request, guest_kernel_native):
     pyhv's own VMM too."""
     if request.param == "kvm" and not guest_kernel_native:
         pytest.skip("this host's KVM emulates guest kernel code: the default guest would "
-                    "not reach userspace on pyhv's own VMM (QEMU TCG runs it instead)")
+                    "not reach userspace on pyhv's own VMM here; test_bed_vmm.py runs these "
+                    "cases on it in the hardware-virtualisation test bed")
     return request.param
 
 

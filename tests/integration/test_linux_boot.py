@@ -68,7 +68,8 @@ def test_cpus_reported_in_early_boot(vmlinux, tmp_path, cpus):
 def test_bzimage_through_its_own_decompressor(debian_kernel, guest_kernel_native, tmp_path):
     if not guest_kernel_native:
         pytest.skip("guest kernel code is emulated by this host's KVM: the in-guest "
-                    "decompressor would take many minutes (pyhv extracts on the host instead)")
+                    "decompressor would take many minutes (test_bed_vmm.py boots with "
+                    "--no-extract in the hardware-virtualisation test bed)")
     run = ConsoleRun(tmp_path / "console.log", "--kernel", str(debian_kernel), "--no-extract",
                      "--append", CMDLINE)
     try:

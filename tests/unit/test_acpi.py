@@ -20,6 +20,46 @@ from pyhv.machine import acpi
 BASE = 0xE0000
 CPU_COUNTS = [1, 2, 64, 254]
 S5_AML = b"\x08_S5_\x12\x05\x02\x0a\x05\x00"  # Name(_S5, Package(){5, 0}), PkgLength 5
+# LEGACY_ASL as iasl 20220331 compiles it (`\\_SB` shortened to `_SB_` at the root)
+LEGACY_AML = bytes.fromhex(
+    "1049085f53425f5b822b434f4d31085f4849440c41d00501085f55494400085f43525311100a0d4701f803f8"
+    "03000822100079005b822d5053324b085f4849440c41d00303085f43525311180a1547016000600000014701"
+    "64006400000122020079005b82255254435f085f4849440c41d00b00085f43525311100a0d47017000700000"
+    "022200017900")
+LEGACY_ASL = """
+    Scope (\\_SB)
+    {
+        Device (COM1)
+        {
+            Name (_HID, EisaId ("PNP0501"))
+            Name (_UID, Zero)
+            Name (_CRS, ResourceTemplate ()
+            {
+                IO (Decode16, 0x03F8, 0x03F8, 0x00, 0x08)
+                IRQNoFlags () {4}
+            })
+        }
+        Device (PS2K)
+        {
+            Name (_HID, EisaId ("PNP0303"))
+            Name (_CRS, ResourceTemplate ()
+            {
+                IO (Decode16, 0x0060, 0x0060, 0x00, 0x01)
+                IO (Decode16, 0x0064, 0x0064, 0x00, 0x01)
+                IRQNoFlags () {1}
+            })
+        }
+        Device (RTC)
+        {
+            Name (_HID, EisaId ("PNP0B00"))
+            Name (_CRS, ResourceTemplate ()
+            {
+                IO (Decode16, 0x0070, 0x0070, 0x00, 0x02)
+                IRQNoFlags () {8}
+            })
+        }
+    }
+"""
 
 
 def _blob(num_cpus: int = 2, **kw) -> bytes:
@@ -158,11 +198,13 @@ def test_fadt_dsdt_pointers_reach_the_dsdt() -> None:
     assert acpi.parse_acpi_tables(blob)["dsdt_addr"] == x_dsdt
 
 
-def test_dsdt_holds_only_the_s5_package() -> None:
+def test_dsdt_holds_the_s5_package_then_the_legacy_devices() -> None:
     blob = _blob(2)
     dsdt = _table(blob, _table_offsets(blob)["DSDT"])
-    assert dsdt[8] == 2 and dsdt[36:] == S5_AML
-    assert acpi.parse_acpi_tables(blob)["dsdt_has_s5"] is True
+    assert dsdt[8] == 2 and dsdt[36:36 + len(S5_AML)] == S5_AML
+    assert dsdt[36 + len(S5_AML):] == LEGACY_AML
+    info = acpi.parse_acpi_tables(blob)
+    assert info["dsdt_has_s5"] is True and info["dsdt_has_legacy_devices"] is True
 
 
 def test_corrupting_any_table_byte_makes_parse_raise() -> None:
@@ -257,6 +299,8 @@ def test_iasl_disassembles_every_table(num_cpus: int, tmp_path: Path) -> None:
         assert f"ACPI Table Address {i} : {addr:016X}" in xsdt
     dsdt = _disassemble(iasl, files["DSDT"])
     assert re.search(r"Name \(_S5, Package \(0x02\)[^{]*\{\s*0x05,\s*Zero\s*\}\)", dsdt), dsdt
+    for hid, irq in (("PNP0501", 4), ("PNP0303", 1), ("PNP0B00", 8)):
+        assert f'Name (_HID, EisaId ("{hid}")' in dsdt and f"IRQNoFlags ()\n {{{irq}}}" in dsdt
 
 
 def test_iasl_recompiles_data_tables_to_the_same_bytes(tmp_path: Path) -> None:
@@ -271,14 +315,15 @@ def test_iasl_recompiles_data_tables_to_the_same_bytes(tmp_path: Path) -> None:
         assert theirs[:9] + theirs[10:28] + theirs[36:] == ours[:9] + ours[10:28] + ours[36:], sig
 
 
-def test_iasl_compiles_our_s5_asl_to_the_same_aml(tmp_path: Path) -> None:
+def test_iasl_compiles_our_dsdt_asl_to_the_same_aml(tmp_path: Path) -> None:
     iasl = _need("iasl")
-    (tmp_path / "s5.asl").write_text('DefinitionBlock ("", "DSDT", 2, "PYHV  ", "PYHVVM  ", 1)\n'
-                                     "{\n    Name (_S5, Package () {5, 0})\n}\n")
-    _run([iasl, "s5.asl"], tmp_path)
-    aml = (tmp_path / "s5.aml").read_bytes()
+    (tmp_path / "dsdt.asl").write_text('DefinitionBlock ("", "DSDT", 2, "PYHV  ", "PYHVVM  ", 1)\n'
+                                       "{\n    Name (_S5, Package () {5, 0})\n"
+                                       f"{LEGACY_ASL}}}\n")
+    _run([iasl, "dsdt.asl"], tmp_path)
+    aml = (tmp_path / "dsdt.aml").read_bytes()
     dsdt = acpi.parse_acpi_tables(_blob(1))["tables"]["DSDT"]
-    assert aml[36:] == dsdt[36:] == S5_AML
+    assert aml[36:] == dsdt[36:] == S5_AML + LEGACY_AML
     assert aml[:9] + aml[10:28] == dsdt[:9] + dsdt[10:28]
 
 

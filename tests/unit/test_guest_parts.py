@@ -107,3 +107,53 @@ def test_scanner_recognises_a_panic_and_keeps_a_last_partial_line():
     s.close()
     assert s.panic == "VFS: Unable to mount root fs" and s.status is None
     assert b"".join(seen).endswith(b"no newline")
+
+
+def test_scanner_passes_a_prompt_on_before_its_line_ends():
+    seen = []
+    s = ConsoleScanner(seen.append)
+    s.feed(b"banner\n~ # ")
+    assert b"".join(seen) == b"banner\n~ # "          # a shell's prompt has no newline
+    s.feed(b"echo hi\r\nhi\r\n")
+    assert b"".join(seen) == b"banner\n~ # echo hi\r\nhi\r\n"   # nothing twice
+
+
+def test_scanner_holds_only_what_could_still_be_the_status_line():
+    seen = []
+    s = ConsoleScanner(seen.append)
+    s.feed(b"PYHV-EXIT")
+    assert seen == []
+    s.feed(b"-STATUS: 1")
+    assert seen == []
+    s.feed(b"x\n")                                     # not a status line after all
+    assert b"".join(seen) == b"PYHV-EXIT-STATUS: 1x\n" and s.status is None
+    s.feed(b"PYHV-EXIT-STATUS: 3\r")
+    s.feed(b"\n[ 9.9] reboot: Restarting system\n")
+    assert b"".join(seen) == b"PYHV-EXIT-STATUS: 1x\n" and s.status == 3
+
+
+def test_scanner_long_partial_lines_stay_bounded_and_whole():
+    seen = []
+    s = ConsoleScanner(seen.append)
+    for _ in range(40):
+        s.feed(b"x" * (8 << 10))
+    s.feed(b" Kernel panic - not syncing: late\n")
+    assert b"".join(seen) == b"x" * (320 << 10) + b" Kernel panic - not syncing: late\n"
+    assert s.panic == "late"
+
+
+@pytest.mark.parametrize("status, panic, timed_out, ended_ok, needs, expected", [
+    (7, None, False, True, True, 7),            # the command's own status wins
+    (None, None, False, True, True, 125),       # default guest reset without a status line
+    (None, None, False, True, False, 0),        # --kernel: a clean reset is success
+    (None, None, True, False, True, 124),       # --timeout
+    (None, "oops", False, True, True, 125),     # panic named on stderr
+    (None, None, False, False, False, 125),     # the VMM failed
+])
+def test_exit_status_from_how_the_guest_ended(status, panic, timed_out, ended_ok, needs,
+                                              expected, capsys):
+    from pyhv.runner import finish
+
+    assert finish(status, panic, timed_out, ended_ok, "why", needs_status=needs) == expected
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == (0 if expected in (0, 7) else 1)

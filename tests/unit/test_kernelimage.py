@@ -283,6 +283,14 @@ def test_empty(tmp_path: Path) -> None:
     assert "vmlinuz" in msg and "empty" in msg
 
 
+def test_huge_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinuz"
+    with open(path, "wb") as f:
+        f.truncate(kernelimage.MAX_IMAGE + 1)       # sparse: no disk, and never read
+    msg = error_of(load_kernel, path)
+    assert f"vmlinuz: {kernelimage.MAX_IMAGE + 1} bytes, larger than" in msg
+
+
 def test_random_bytes(tmp_path: Path) -> None:
     msg = error_of(load_kernel, write(tmp_path, "vmlinuz", os.urandom(64 << 10)))
     assert "vmlinuz: not a Linux kernel" in msg and "HdrS" in msg

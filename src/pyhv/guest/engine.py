@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 from pyhv.errors import PyhvError
@@ -11,24 +10,18 @@ ENGINES = ("auto", "kvm", "qemu")
 
 
 def choose(engine: str) -> tuple[str, str]:
-    """(engine, one-line reason). `auto` takes kvm where guest kernel code runs natively."""
+    """(engine, one-line reason). `auto` takes kvm where guest kernel code runs natively
+    (see pyhv.machine.hostkvm: decided from the kind of KVM, not from its speed)."""
     if engine not in ENGINES:
         raise PyhvError(f"unknown engine {engine!r} (auto, kvm or qemu)")
     if engine != "auto":
         return engine, "as asked"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "qemu", "no usable /dev/kvm, so QEMU with TCG"
-    from pyhv.machine.cpu import host_is_pvm
+    from pyhv.machine.hostkvm import host_kvm
 
-    if host_is_pvm():
-        return "qemu", "this host's KVM (PVM) emulates guest kernel code, so QEMU with TCG"
-    from pyhv.machine.doctor import guest_kernel_native
-
-    native, speed = guest_kernel_native()
-    if native:
-        return "kvm", "guest kernel code runs natively on this host's KVM"
-    return "qemu", (f"this host's KVM runs guest kernel code at {speed / 1e6:.0f} M "
-                    "instructions/s (emulated), so QEMU with TCG")
+    host = host_kvm()
+    if host.native:
+        return "kvm", host.reason
+    return "qemu", f"{host.reason}, so QEMU with TCG"
 
 
 def qemu_binary() -> str:
@@ -40,6 +33,6 @@ def qemu_binary() -> str:
 
 def qemu_accel() -> str:
     """KVM acceleration for QEMU where guest kernel code runs natively, TCG otherwise."""
-    from pyhv.machine.cpu import host_is_pvm
+    from pyhv.machine.hostkvm import host_kvm
 
-    return "tcg" if host_is_pvm() or not os.access("/dev/kvm", os.R_OK | os.W_OK) else "kvm"
+    return "kvm" if host_kvm().native else "tcg"

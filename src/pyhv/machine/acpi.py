@@ -3,9 +3,17 @@
 Debian's cloud kernel is built without CONFIG_X86_MPPARSE, so it ignores the MP table and
 finds its CPUs, its IOAPIC and how to power off only through ACPI. Like Firecracker and
 cloud-hypervisor, we describe a hardware-reduced platform (no PM1 blocks, no SCI, no FACS):
-RSDP -> XSDT -> {FADT -> DSDT, MADT}. The DSDT holds only `Name (_S5, Package () {5, 0})`, so
+RSDP -> XSDT -> {FADT -> DSDT, MADT}. The DSDT holds `Name (_S5, Package () {5, 0})`, so
 Linux powers off by writing SLP_TYP=5 | SLP_EN to the FADT's sleep control register (an I/O
 port the VMM traps), and reboots by writing RESET_VALUE to the FADT's reset register.
+
+It also describes the legacy devices with their ISA IRQs: COM1 (PNP0501, 0x3f8, IRQ 4), the
+i8042 keyboard controller (PNP0303, 0x60/0x64, IRQ 1) and the RTC (PNP0B00, 0x70, IRQ 8).
+A hardware-reduced FADT makes Linux drop the legacy PIC (`null_legacy_pic`), so no Linux IRQ
+stands for an ISA IRQ until a device's _CRS asks for its GSI: without COM1 here the 8250
+driver's request_irq(4) fails with EINVAL, opening ttyS0 fails, and user space's console
+writes get EIO (kernel messages still appear: printk polls the UART); the i8042 and rtc_cmos
+probes fail the same way. Firecracker's DSDT describes its serial port and i8042 alike.
 
 The blob goes at RSDP_ADDR: Linux scans 0xe0000-0xfffff for the RSDP on 16-byte boundaries,
 and the e820 map reserves 0x9fc00-0x100000, so the guest never reuses it as RAM.
@@ -16,7 +24,20 @@ from __future__ import annotations
 import struct
 
 from pyhv.errors import PyhvError
-from pyhv.machine.layout import IOAPIC_ADDR, LAPIC_ADDR
+from pyhv.machine import aml
+from pyhv.machine.layout import (
+    CMOS_PORT,
+    CMOS_PORTS,
+    I8042_COMMAND_PORT,
+    I8042_DATA_PORT,
+    I8042_IRQ,
+    IOAPIC_ADDR,
+    LAPIC_ADDR,
+    RTC_IRQ,
+    SERIAL_IRQ,
+    SERIAL_PORT,
+    SERIAL_PORTS,
+)
 
 RSDP_ADDR = 0xE0000
 ACPI_LIMIT = 0x100000
@@ -79,6 +100,21 @@ _FADT_HYPERVISOR_ID = 268
 
 # DefName "_S5_" DefPackage: PkgLength 5 counts itself, NumElements, BytePrefix 5, ZeroOp
 S5_AML = bytes([0x08]) + b"_S5_" + bytes([0x12, 0x05, 0x02, 0x0A, SLEEP_TYPE_S5, 0x00])
+# Scope (\_SB) { Device (COM1) {...} Device (PS2K) {...} Device (RTC) {...} }: each an _HID
+# and a _CRS of its ports and ISA IRQ
+LEGACY_AML = aml.scope(
+    "_SB",
+    aml.device("COM1", aml.name("_HID", aml.eisa_id("PNP0501")), aml.name("_UID", aml.zero()),
+               aml.name("_CRS", aml.resource_template(aml.io_port(SERIAL_PORT, SERIAL_PORTS),
+                                                      aml.irq_no_flags(SERIAL_IRQ)))),
+    aml.device("PS2K", aml.name("_HID", aml.eisa_id("PNP0303")),
+               aml.name("_CRS", aml.resource_template(aml.io_port(I8042_DATA_PORT, 1),
+                                                      aml.io_port(I8042_COMMAND_PORT, 1),
+                                                      aml.irq_no_flags(I8042_IRQ)))),
+    aml.device("RTC", aml.name("_HID", aml.eisa_id("PNP0B00")),
+               aml.name("_CRS", aml.resource_template(aml.io_port(CMOS_PORT, CMOS_PORTS),
+                                                      aml.irq_no_flags(RTC_IRQ)))))
+DSDT_AML = S5_AML + LEGACY_AML
 
 
 def _checksum(buf: bytearray, start: int, end: int, at: int) -> None:
@@ -105,7 +141,7 @@ def decode_sleep_control(value: int) -> int | None:
 def acpi_tables_size(num_cpus: int) -> int:
     """Bytes build_acpi_tables writes for num_cpus (so a caller can check its window first)."""
     return (_align8(_RSDP.size) + _align8(_HEADER.size + 2 * 8) + _align8(FADT_LENGTH)
-            + _align8(_HEADER.size + len(S5_AML))
+            + _align8(_HEADER.size + len(DSDT_AML))
             + _HEADER.size + _MADT_HEAD.size + num_cpus * _LAPIC.size + _IOAPIC.size)
 
 
@@ -131,7 +167,7 @@ def build_acpi_tables(num_cpus: int, base_addr: int = RSDP_ADDR, ioapic_id: int 
     xsdt_len = _HEADER.size + 2 * 8
     fadt = xsdt + _align8(xsdt_len)
     dsdt = fadt + _align8(FADT_LENGTH)
-    dsdt_len = _HEADER.size + len(S5_AML)
+    dsdt_len = _HEADER.size + len(DSDT_AML)
     madt = dsdt + _align8(dsdt_len)
     madt_len = size - madt
 
@@ -157,7 +193,7 @@ def build_acpi_tables(num_cpus: int, base_addr: int = RSDP_ADDR, ioapic_id: int 
     _checksum(buf, fadt, fadt + FADT_LENGTH, fadt + 9)
 
     _table(buf, dsdt, b"DSDT", dsdt_len, 2)  # revision 2: 64-bit AML integers
-    buf[dsdt + _HEADER.size:dsdt + dsdt_len] = S5_AML
+    buf[dsdt + _HEADER.size:dsdt + dsdt_len] = DSDT_AML
     _checksum(buf, dsdt, dsdt + dsdt_len, dsdt + 9)
 
     # MADT (revision 5, ACPI 6.3+): no interrupt source overrides. KVM's default GSI routing
@@ -284,4 +320,5 @@ def parse_acpi_tables(blob: bytes, base_addr: int = RSDP_ADDR) -> dict:
         "sleep_status_port": sleep_status[4],
         "hypervisor_id": fadt[_FADT_HYPERVISOR_ID:],
         "dsdt_has_s5": S5_AML in dsdt[_HEADER.size:],
+        "dsdt_has_legacy_devices": LEGACY_AML in dsdt[_HEADER.size:],
     }

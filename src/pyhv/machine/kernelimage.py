@@ -432,7 +432,12 @@ def _read(path: str | os.PathLike[str]) -> bytes:
         if not stat.S_ISREG(mode):  # a FIFO would block, a device never ends
             raise KernelImageError(f"{name}: not a regular file")
         with open(path, "rb") as f:
-            data = f.read(MAX_IMAGE + 1)
+            # the size first: read(MAX_IMAGE + 1) would allocate 2 GiB for any file
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE:
+                raise KernelImageError(f"{name}: {size} bytes, larger than {MAX_IMAGE}: "
+                                       "not a kernel image")
+            data = f.read(size)
     except FileNotFoundError:
         raise KernelImageError(f"{name}: no such file") from None
     except PermissionError:
@@ -441,8 +446,6 @@ def _read(path: str | os.PathLike[str]) -> bytes:
         raise KernelImageError(f"{name}: cannot read: {e.strerror or e}") from None
     if not data:
         raise KernelImageError(f"{name}: file is empty")
-    if len(data) > MAX_IMAGE:
-        raise KernelImageError(f"{name}: larger than {MAX_IMAGE} bytes, not a kernel image")
     return data
 
 

@@ -57,6 +57,9 @@ KVM_PRIVATE_END = 0xFFFC_0000  # end of the 4 pages above (reserved in the e820 
 HIGH_RAM_START = 1 << 32  # RAM beyond MMIO_GAP_START is remapped above 4 GiB
 
 # --- I/O ports ----------------------------------------------------------------------------------
+SERIAL_PORT, SERIAL_PORTS, SERIAL_IRQ = 0x3F8, 8, 4  # COM1: its ports and ISA IRQ
+I8042_DATA_PORT, I8042_COMMAND_PORT, I8042_IRQ = 0x60, 0x64, 1  # keyboard controller
+CMOS_PORT, CMOS_PORTS, RTC_IRQ = 0x70, 2, 8  # CMOS/RTC index and data
 PCI_CONFIG_ADDRESS = 0xCF8  # PCI configuration mechanism #1: 32-bit address register
 PCI_CONFIG_DATA = 0xCFC  # ... and the data window (0xcfc-0xcff)
 PCI_CONFIG_PORTS = (0xCF8, 8)  # (first port, count) to register with the PIO bus

@@ -27,8 +27,6 @@ from pyhv.machine.devices.power import AcpiPower
 from pyhv.machine.exit import MachineExit, describe
 from pyhv.machine.mptable import MAX_CPUS, validate_cpus
 
-SERIAL_PORT, SERIAL_IRQ = 0x3F8, 4
-
 
 class Machine:
     """A micro-VM. Use as a context manager; load a kernel or flat code, then `run()`.
@@ -85,7 +83,8 @@ class Machine:
     def _build_devices(self, console_fd: int) -> None:
         mem = self.memory.size
         below_4g = min(mem, layout.MMIO_GAP_START)
-        self.uart = Uart(console_fd, self.vm.fd if self.irqchip else -1, SERIAL_IRQ)
+        self.uart = Uart(console_fd, self.vm.fd if self.irqchip else -1,
+                         layout.SERIAL_IRQ)
         self.i8042 = I8042(on_reset=lambda: self.stop("reset", "guest reset the machine "
                                                       "through the i8042 controller"))
         self.cmos = Cmos(below_4g, mem - below_4g)
@@ -94,9 +93,9 @@ class Machine:
         self.power = AcpiPower(
             on_poweroff=lambda: self.stop("poweroff", "guest powered off (ACPI S5)"),
             on_reset=lambda: self.stop("reset", "guest reset the machine (ACPI reset register)"))
-        self.pio.add(SERIAL_PORT, 8, self.uart)
-        self.pio.add(0x60, 5, self.i8042)
-        self.pio.add(0x70, 2, self.cmos)
+        self.pio.add(layout.SERIAL_PORT, layout.SERIAL_PORTS, self.uart)
+        self.pio.add(layout.I8042_DATA_PORT, 5, self.i8042)
+        self.pio.add(layout.CMOS_PORT, layout.CMOS_PORTS, self.cmos)
         self.pio.add(layout.PCI_CONFIG_ADDRESS, 8, self.pci)
         self.pio.add(0x3F0, 1, self.boot_timer)
         self.pio.add(power.BASE_PORT, power.PORTS, self.power)

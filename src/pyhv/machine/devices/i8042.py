@@ -17,6 +17,7 @@ CMD_SELF_TEST = 0xAA
 CMD_PULSE_RESET = 0xFE
 STATUS_OUTPUT_FULL = 0x01
 SYSTEM_FLAG = 0x04
+STATUS_UNLOCKED = 0x10   # keyboard not inhibited (clear: Linux warns "Keylock active")
 
 
 class I8042:
@@ -32,7 +33,7 @@ class I8042:
         if offset == 0:
             return self._output.pop(0) if self._output else 0
         if offset == 4:
-            return SYSTEM_FLAG | (STATUS_OUTPUT_FULL if self._output else 0)
+            return SYSTEM_FLAG | STATUS_UNLOCKED | (STATUS_OUTPUT_FULL if self._output else 0)
         return 0xFF
 
     def write(self, offset: int, size: int, value: int) -> None:
