@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.services import listening
 from tests.helpers.guest import run_guest
+from tests.helpers.serving import listening
 
 ROUNDS = 3
 MEM = ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa",
@@ -64,15 +64,11 @@ def test_guest_disk_sequential_1m(workdir, record, benchmark):
                                                  "id=d0,cache=writeback",
                                        "-device", "virtio-blk-pci,drive=d0"]))
         sock = workdir / "blk.sock"
-        proc = listening([sys.executable, "-m", "pyhv", "disk", "serve", str(image),
-                        "--socket", str(sock)], sock)
-        try:
+        with listening([sys.executable, "-m", "pyhv", "disk", "serve", str(image),
+                        "--socket", str(sock)], sock):
             ours.append(_guest(command, MEM + ["-chardev", f"socket,id=c0,path={sock}",
                                                "-device", "vhost-user-blk-pci,chardev=c0"]))
-        finally:
-            proc.terminate()
-            proc.wait()
-            sock.unlink(missing_ok=True)
+        sock.unlink(missing_ok=True)
 
     benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
     for kind in ("write", "read"):
@@ -97,16 +93,12 @@ def test_guest_folder_metadata_and_data(workdir, record, benchmark):
     ours, theirs = [], []
 
     def one(argv: list[str], sock: Path, out: list) -> None:
-        proc = listening(argv, sock)
-        try:
+        with listening(argv, sock):
             out.append(_guest(command, MEM + [
                 "-chardev", f"socket,id=c0,path={sock}",
                 "-device", "vhost-user-fs-pci,chardev=c0,tag=bench"],
                 append="pyhv.share=bench:/m"))      # the default guest mounts it
-        finally:
-            proc.terminate()
-            proc.wait()
-            sock.unlink(missing_ok=True)
+        sock.unlink(missing_ok=True)
 
     def once():
         sock = workdir / "fs.sock"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.services import cpu_seconds, listening
+from bench.services import cpu_seconds
 from hvcore.memory import GuestMemory
+from tests.helpers.serving import listening
 from tests.helpers.vhost_user_frontend import Frontend
 from tests.helpers.virtio_driver import Driver
 
@@ -36,15 +37,15 @@ def image(tmp_path_factory) -> Path:
 
 
 
-def pyhv_backend(image: Path) -> tuple[subprocess.Popen, Path]:
+def pyhv_backend(image: Path) -> tuple[list[str], Path]:
     sock = image.with_suffix(".pyhv.sock")
-    return listening([sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket",
+    return ([sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket",
                    str(sock), "-f", "qcow2"], sock), sock
 
 
-def qsd_backend(image: Path) -> tuple[subprocess.Popen, Path]:
+def qsd_backend(image: Path) -> tuple[list[str], Path]:
     sock = image.with_suffix(".qsd.sock")
-    return listening(["qemu-storage-daemon",
+    return (["qemu-storage-daemon",
                    "--blockdev", f"driver=file,node-name=f0,filename={image}",
                    "--blockdev", "driver=qcow2,node-name=d0,file=f0",
                    "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,"
@@ -96,16 +97,13 @@ def test_virtio_blk_4k_random_depth_32(image, record, benchmark, write):
     def once():
         for start, out, cpu in ((qsd_backend, theirs, cpu_theirs),
                                 (pyhv_backend, ours, cpu_ours)):
-            proc, sock = start(image)
-            try:
+            argv, sock = start(image)
+            with listening(argv, sock) as proc:
                 before = cpu_seconds(proc.pid)
                 rate, done = drive(sock, write, seed=len(out))
                 cpu.append((cpu_seconds(proc.pid) - before) / done * 1e6)
                 out.append(rate)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-                sock.unlink(missing_ok=True)
+            sock.unlink(missing_ok=True)
 
     benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
     kind = "write" if write else "read"

@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 import random
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.services import cpu_seconds, listening
+from bench.services import cpu_seconds
 from hvcore.memory import GuestMemory
+from tests.helpers.serving import listening
 from tests.helpers.vhost_user_frontend import Frontend
 from tests.helpers.virtio_driver import Driver
 
@@ -45,16 +45,16 @@ def tree(tmp_path_factory) -> Path:
 
 
 
-def pyhv_server(tree: Path) -> tuple[subprocess.Popen, Path]:
+def pyhv_server(tree: Path) -> tuple[list[str], Path]:
     sock = tree.parent / "pyhv.sock"
-    return listening([sys.executable, "-m", "pyhv", "share", "serve", str(tree), "--socket",
+    return ([sys.executable, "-m", "pyhv", "share", "serve", str(tree), "--socket",
                    str(sock), "--cache", "auto"], sock), sock
 
 
-def virtiofsd(tree: Path) -> tuple[subprocess.Popen, Path]:
+def virtiofsd(tree: Path) -> tuple[list[str], Path]:
     sock = tree.parent / "vfsd.sock"
     # (sandbox=chroot: one process, so its CPU time is measured; namespace forks)
-    return listening(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
+    return (["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
                    f"source={tree}", "-o", "cache=auto", "-o", "sandbox=chroot"], sock), sock
 
 
@@ -142,18 +142,15 @@ def test_virtiofs_requests_depth_32(tree, record, benchmark, kind):
 
     def once():
         for start, out, cpu in ((virtiofsd, theirs, cpu_theirs), (pyhv_server, ours, cpu_ours)):
-            proc, sock = start(tree)
-            try:
+            argv, sock = start(tree)
+            with listening(argv, sock) as proc:
                 client = Client(sock)
                 make = _workload(client, kind, random.Random(len(out)))
                 before = cpu_seconds(proc.pid)
                 out.append(client.run(COUNT[kind], make))
                 cpu.append((cpu_seconds(proc.pid) - before) / COUNT[kind] * 1e6)
                 client.close()
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-                sock.unlink(missing_ok=True)
+            sock.unlink(missing_ok=True)
 
     benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
     what = {"lookup": "LOOKUP in a 50k-file tree", "create": "CREATE",

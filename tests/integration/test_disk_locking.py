@@ -5,28 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.disk_qemu import qemu_img
-
-
-@contextmanager
-def holding(argv: list[str], sock: Path):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if sock.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert sock.exists(), proc.stderr.read()
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from tests.helpers.serving import listening
 
 
 def serve(image: Path, sock: Path, *options: str) -> list[str]:
@@ -42,7 +26,7 @@ def image(tmp_path) -> Path:
 
 
 def test_qemu_tools_see_pyhvs_writer(image, tmp_path):
-    with holding(serve(image, tmp_path / "a.sock"), tmp_path / "a.sock"):
+    with listening(serve(image, tmp_path / "a.sock"), tmp_path / "a.sock"):
         info = qemu_img("info", image, check=False)
         assert info.returncode == 1
         assert 'Failed to get shared "write" lock' in info.stderr
@@ -65,7 +49,7 @@ def test_pyhv_sees_a_qemu_writer(image, tmp_path):
            "--blockdev", "driver=qcow2,node-name=q,file=f", "--export",
            f"type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={sock},"
            "writable=on"]
-    with holding(qsd, sock):
+    with listening(qsd, sock):
         for options in ([], ["--readonly"]):
             done = subprocess.run(serve(image, tmp_path / "p.sock", *options),
                                   capture_output=True, text=True, timeout=60)
@@ -75,8 +59,8 @@ def test_pyhv_sees_a_qemu_writer(image, tmp_path):
 
 
 def test_readers_share_an_image(image, tmp_path):
-    with holding(serve(image, tmp_path / "r1.sock", "--readonly"), tmp_path / "r1.sock"), \
-            holding(serve(image, tmp_path / "r2.sock", "--readonly"), tmp_path / "r2.sock"):
+    with listening(serve(image, tmp_path / "r1.sock", "--readonly"), tmp_path / "r1.sock"), \
+            listening(serve(image, tmp_path / "r2.sock", "--readonly"), tmp_path / "r2.sock"):
         writer = subprocess.run(serve(image, tmp_path / "w.sock"), capture_output=True,
                                 text=True, timeout=60)
         assert writer.returncode == 1 and 'Failed to get "write" lock' in writer.stderr

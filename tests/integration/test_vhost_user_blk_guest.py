@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from tests.helpers.disk_qemu import check, qemu_img, qemu_io
 from tests.helpers.guest import run_guest
 from tests.helpers.pyhvrun import pyhv
+from tests.helpers.serving import listening
 
 MB = 1 << 20
 
@@ -27,22 +27,12 @@ MB = 1 << 20
 def served(image: Path, *options: str):
     """`pyhv disk serve IMAGE` on a socket beside it; yields the QEMU arguments."""
     sock = image.with_suffix(".sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pyhv", "disk", "serve", str(image),
-                             "--socket", str(sock), *options],
-                            stderr=subprocess.PIPE, text=True)
-    for _ in range(100):
-        if sock.exists() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert sock.exists(), proc.stderr.read()
     queues = options[options.index("--queues") + 1] if "--queues" in options else "1"
-    try:
+    with listening([sys.executable, "-m", "pyhv", "disk", "serve", str(image), "--socket",
+                    str(sock), *options], sock):
         yield ["-object", "memory-backend-memfd,id=mem,size=512M,share=on",
                "-numa", "node,memdev=mem", "-chardev", f"socket,id=blk0,path={sock}",
                "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={queues}"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def guest(command: str, qemu_args: list[str], cpus: int = 1):
