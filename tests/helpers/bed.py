@@ -91,13 +91,15 @@ class Bed:
 
     def _l1_script(self, body: Path) -> str:
         w, guest_home = self.work, self.guest.kernel.parent
-        env = ("HOME=/run XDG_CACHE_HOME=/run/c PATH=/usr/bin:/bin:/usr/sbin:/sbin "
-               "LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1")
+        # (no tmpfs over /tmp: the project may be checked out there, as CI's clone can be;
+        # temporary files go to TMPDIR on the /run tmpfs instead)
+        env = ("HOME=/run XDG_CACHE_HOME=/run/c TMPDIR=/run/tmp "
+               "PATH=/usr/bin:/bin:/usr/sbin:/sbin LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1")
         return f"""
 insmod /x/irqbypass.ko; insmod /x/kvm.ko; insmod /x/kvm-amd.ko
 [ -e /dev/kvm ] || {{ echo "bed: no /dev/kvm in L1"; exit 1; }}
 mkdir -p /host && mount -t virtiofs -o ro host /host || exit 1
-mount -t tmpfs run /host/run; mount -t tmpfs tmp /host/tmp; mount -t devtmpfs dev /host/dev
+mount -t tmpfs run /host/run; mkdir -p /host/run/tmp; mount -t devtmpfs dev /host/dev
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys
 mkdir -p /host{w} 2>/dev/null; mount -t virtiofs work /host{w} || exit 1
 mkdir -p /host/dev/pts && mount -t devpts devpts /host/dev/pts

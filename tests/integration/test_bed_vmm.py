@@ -69,7 +69,7 @@ def vmm_runs(tmp_path_factory):
 
     image = build_guest(progress=lambda _m: None)
     work = tmp_path_factory.mktemp("bed")
-    vmlinux = work / "vmlinux"          # in the bed, /tmp is a tmpfs beside the work share
+    vmlinux = work / "vmlinux"          # (the work directory is writable in the bed too)
     done = pyhv("kernel", "extract", str(image.kernel), str(vmlinux))
     assert done.returncode == 0, done.stderr
     cases = _cases(image, vmlinux)
