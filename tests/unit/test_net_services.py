@@ -93,13 +93,9 @@ def test_fragments_reassemble_in_any_order():
     assert (whole.kind, whole.proto, bytes(whole.payload)) == (n.IPV4, 17, b"p" * 40)
 
 
-def test_fragmented_echo_keeps_the_guest_mac_and_is_answered_in_fragments():
-    """The reassembled datagram has no Ethernet header: the guest's MAC must come from
-    its fragments (it once became 00:00:00:00:00:00, and every later reply went astray),
-    and a reply larger than the MTU goes back as fragments."""
-    from pyhv.net.config import ip
+def _recorder():
+    """A frame port that keeps what the stack sends."""
     from pyhv.net.ports import FramePort
-    from pyhv.net.stack import Stack
 
     class Recorder(FramePort):
         def __init__(self):
@@ -109,7 +105,17 @@ def test_fragmented_echo_keeps_the_guest_mac_and_is_answered_in_fragments():
         def send(self, frames):
             self.sent.extend(bytes(f) for f in frames)
 
-    port = Recorder()
+    return Recorder()
+
+
+def test_fragmented_echo_keeps_the_guest_mac_and_is_answered_in_fragments():
+    """The reassembled datagram has no Ethernet header: the guest's MAC must come from
+    its fragments (it once became 00:00:00:00:00:00, and every later reply went astray),
+    and a reply larger than the MTU goes back as fragments."""
+    from pyhv.net.config import ip
+    from pyhv.net.stack import Stack
+
+    port = _recorder()
     stack = Stack(NetConfig(mtu=1500), port)
     guest_mac = 0x5255_0A00_0002
     gw, guest = ip("192.168.65.1"), ip("192.168.65.2")
@@ -173,18 +179,9 @@ def test_frames_before_the_guest_mac_are_held_then_sent():
     (ARP ones are not kept), the rest are counted, ARP asks for the guest at most every
     200 ms, and the first frame from the guest sends them with its MAC."""
     from pyhv.net.config import ip
-    from pyhv.net.ports import FramePort
     from pyhv.net.stack import Stack
 
-    class Recorder(FramePort):
-        def __init__(self):
-            super().__init__()
-            self.sent = []
-
-        def send(self, frames):
-            self.sent.extend(bytes(f) for f in frames)
-
-    port = Recorder()
+    port = _recorder()
     stack = Stack(NetConfig(mtu=1500), port)
     gw, guest = ip("192.168.65.1"), ip("192.168.65.2")
     udp = [stack.builder.udp(gw, 53, guest, 4000 + i, b"x") for i in range(70)]

@@ -30,6 +30,23 @@ from hvcore.includes.sys cimport (adaptive_mutex_init, pthread_mutex_destroy,
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 
 
+cdef inline bint _for_python(const fuse_write_in *wr) noexcept nogil:
+    """A WRITE the Python handler answers: KILL_SUIDGID, or offsets past 2**63."""
+    return (wr.write_flags & FUSE_WRITE_KILL_SUIDGID or wr.offset > MAX_OFFSET
+            or wr.offset + wr.size > MAX_OFFSET)
+
+
+cdef inline Py_ssize_t _write_reply(uint8_t *out, uint64_t unique, int err,
+                                    ssize_t written) noexcept nogil:
+    """WRITE's reply into `out`: the error alone, or fuse_write_out with the size."""
+    cdef Py_ssize_t ohdr = sizeof(fuse_out_header)
+    if err:
+        return reply_header(out, unique, err, ohdr)
+    memset(out + ohdr, 0, 8)
+    (<fuse_write_out *>(out + ohdr)).size = <uint32_t>written
+    return reply_header(out, unique, 0, ohdr + 8)
+
+
 cdef int _trim(iovec *v, int n, size_t size) noexcept nogil:
     """The first iovecs of `v` holding `size` bytes (the last one shortened): their count."""
     cdef int i
@@ -256,8 +273,7 @@ cdef class FileTable:
         if h.opcode == FUSE_WRITE and self.writable:
             wr = <const fuse_write_in *>(req + hdr)
             if (<Py_ssize_t>wr.size != n - hdr - <Py_ssize_t>sizeof(fuse_write_in)
-                    or wr.write_flags & FUSE_WRITE_KILL_SUIDGID or wr.offset > MAX_OFFSET
-                    or wr.offset + wr.size > MAX_OFFSET or cap < ohdr + 8):
+                    or _for_python(wr) or cap < ohdr + 8):
                 return 0
             fd = self._pin(wr.fh, 1)
             if fd < 0:
@@ -266,11 +282,7 @@ cdef class FileTable:
             if r < 0:
                 err = errno
             self._unpin(wr.fh)
-            if err:
-                return reply_header(out, h.unique, err, ohdr)
-            memset(out + ohdr, 0, 8)
-            (<fuse_write_out *>(out + ohdr)).size = <uint32_t>r
-            return reply_header(out, h.unique, 0, ohdr + 8)
+            return _write_reply(out, h.unique, err, r)
         return 0
 
     cdef Py_ssize_t _serve_vec(self, const uint8_t *req, Py_ssize_t n, iovec *data,
@@ -304,9 +316,7 @@ cdef class FileTable:
         if h.opcode == FUSE_WRITE and self.writable and \
                 n == hdr + <Py_ssize_t>sizeof(fuse_write_in):
             wr = <const fuse_write_in *>(req + hdr)
-            if (<Py_ssize_t>wr.size != room or h.len != n + room
-                    or wr.write_flags & FUSE_WRITE_KILL_SUIDGID or wr.offset > MAX_OFFSET
-                    or wr.offset + wr.size > MAX_OFFSET):
+            if <Py_ssize_t>wr.size != room or h.len != n + room or _for_python(wr):
                 return 0
             fd = self._pin(wr.fh, 1)
             if fd < 0:
@@ -315,11 +325,7 @@ cdef class FileTable:
             if r < 0:
                 err = errno
             self._unpin(wr.fh)
-            if err:
-                return reply_header(out, h.unique, err, ohdr)
-            memset(out + ohdr, 0, 8)
-            (<fuse_write_out *>(out + ohdr)).size = <uint32_t>r
-            return reply_header(out, h.unique, 0, ohdr + 8)
+            return _write_reply(out, h.unique, err, r)
         return 0
 
     cdef int _splice_read(self, const uint8_t *req, Py_ssize_t n, int devfd, int pr,
